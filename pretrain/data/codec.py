@@ -1,0 +1,52 @@
+"""One sample in a shard, as bytes and back.
+
+A sample is a group of tar members sharing a key (webdataset convention):
+
+- ``<key>.npy``  the image, channels-first, in its native dtype:
+  2D ``(C, H, W)``, 3D ``(C, D, H, W)``. 16-bit stays 16-bit.
+- ``<key>.json`` metadata: source path, shape, dtype, channels, spatial dims,
+  voxel spacing (or null), label index and name (or null).
+- ``<key>.cls``  the label index as ASCII, when the sample has one.
+- ``<key>.txt``  free text (e.g. a report), when the sample has one.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+
+class SampleDecodeError(ValueError):
+    """A sample's bytes do not decode; the message names the shard and key."""
+
+
+def encode_sample(key: str, image: np.ndarray, meta: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+    """Tar members for one sample, ready for ``webdataset.TarWriter.write``."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset groups members by key)")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+    meta = dict(meta, shape=list(image.shape), dtype=str(image.dtype))
+    members: dict[str, Any] = {"__key__": key, "npy": buf.getvalue(), "json": json.dumps(meta).encode()}
+    if meta.get("label") is not None:
+        members["cls"] = str(int(meta["label"])).encode()
+    if text is not None:
+        members["txt"] = text.encode("utf-8")
+    return members
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """``{"__key__", "__url__", "image", "meta", "label", "text"}`` from raw tar members."""
+    key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+    try:
+        image = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except KeyError as e:
+        raise SampleDecodeError(f"{url}: sample {key!r} has no {e.args[0]!r} member") from None
+    except Exception as e:  # numpy/json raise many types on damaged bytes
+        raise SampleDecodeError(f"{url}: sample {key!r} does not decode: {e}") from e
+    label = meta.get("label")
+    text = raw["txt"].decode("utf-8") if "txt" in raw else None
+    return {"__key__": key, "__url__": url, "image": image, "meta": meta, "label": label, "text": text}

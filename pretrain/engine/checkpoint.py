@@ -1,0 +1,134 @@
+"""Atomic, resumable checkpoints: DeepSpeed state + data position + RNG + config.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00000100/            DeepSpeed files, rank<r>_state.pt (RNG, data position), config.yaml, COMPLETE
+    latest                    name of the newest complete checkpoint (replaced atomically)
+
+A checkpoint is written under ``<tag>.partial`` and renamed only after every
+rank has finished, so a crash mid-write never leaves a broken "latest".
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The newest complete checkpoint's tag, or None when there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (ckpt_dir / tag / COMPLETE).is_file():
+        raise RuntimeError(f"{pointer} names {tag!r}, which is not a complete checkpoint in {ckpt_dir}")
+    return tag
+
+
+def save_checkpoint(
+    engine,
+    ckpt_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    config_yaml: str,
+    keep: int,
+) -> Path:
+    """Save on every rank (collective); returns the final checkpoint folder."""
+    ckpt_dir = Path(ckpt_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tag = tag_for(step)
+    partial = f"{tag}.partial"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    torch.save(dict(rank_state, rng=rng_state()), ckpt_dir / partial / f"rank{rank:05d}_state.pt")
+    _barrier()
+    final = ckpt_dir / tag
+    if rank == 0:
+        (ckpt_dir / partial / "config.yaml").write_text(config_yaml)
+        _atomic_write_text(ckpt_dir / partial / COMPLETE, f"{step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(ckpt_dir / partial, final)
+        _atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+        _prune(ckpt_dir, keep)
+    _barrier()
+    return final
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+    for old in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob("step_*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the engine state of ``tag``; returns (client_state, this rank's state) and restores RNG."""
+    ckpt_dir = Path(ckpt_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank_file = ckpt_dir / tag / f"rank{rank:05d}_state.pt"
+    if not rank_file.is_file():
+        saved = len(list((ckpt_dir / tag).glob("rank*_state.pt")))
+        raise RuntimeError(
+            f"{ckpt_dir / tag} was saved by {saved} ranks and has no state for rank {rank}: "
+            "resume with the world size it was saved with"
+        )
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt_dir / tag}")
+    rank_state = torch.load(rank_file, weights_only=False)
+    set_rng_state(rank_state.pop("rng"))
+    log.info("resumed from %s", ckpt_dir / tag)
+    return client_state or {}, rank_state

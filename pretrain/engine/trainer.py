@@ -1,0 +1,271 @@
+"""The training loop: any objective, DeepSpeed ZeRO 0-3, exact resume.
+
+The trainer knows the objective contract only (transform, collate, forward,
+set_progress, after_step, encoder, flops_per_sample); never a single method.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import kernels
+from pretrain.config import RunConfig, dump_config
+from pretrain.data.stream import ShardStream, StreamSource, expand_shards, make_loader
+from pretrain.data.transforms import eval_view
+from pretrain.engine import checkpoint as ckpt
+from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_distributed
+from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
+from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
+from pretrain.engine.schedules import lr_at
+from pretrain.eval.knn import knn_accuracy
+from pretrain.objectives import build_objective
+
+log = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _kernel_choice() -> str:
+    d = kernels.describe()
+    return ", ".join(f"{op}={info['resolved']}" for op, info in d.items())
+
+
+def _eval_view(sample: dict, *, size, channels: int, intensity: str) -> torch.Tensor:
+    return eval_view(sample["image"], size, channels, intensity, key=sample["__key__"])
+
+
+class Trainer:
+    """One training run in one process (one rank)."""
+
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.dist = dist_info
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if dist_info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        kernels.configure(attention=cfg.kernels.attention, patch_embed=cfg.kernels.patch_embed)
+
+        seed_all(cfg.train.seed)  # identical initial weights on every rank
+        objective = build_objective(cfg)
+        optimizer = build_optimizer(objective, cfg.optim)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=objective, optimizer=optimizer, config=deepspeed_config(cfg)
+        )
+        self.objective = self.engine.module
+        seed_all(cfg.train.seed + 1 + dist_info.rank)  # per-rank stream for dropout / drop-path
+
+        self.step = 0
+        self.history: dict[str, Any] = {"wall_seconds": 0.0}
+        tag = ckpt.latest_tag(self.ckpt_dir)
+        if tag is not None:
+            client, _ = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+            self.step = int(client["step"])
+            self.history = client["history"]
+        self.resumed = tag is not None
+        self.stream = self._build_stream()
+
+    # --- data ---------------------------------------------------------------------------
+    def _build_stream(self) -> ShardStream:
+        cfg = self.cfg
+        if not cfg.data.train:
+            raise ValueError("config key 'data.train' is empty: give at least one shard set")
+        sources = [StreamSource(expand_shards(s.shards), s.weight, s.name or f"source{i}") for i, s in enumerate(cfg.data.train)]
+        return ShardStream(
+            sources,
+            batch_size=cfg.data.batch_size,
+            transform=self.objective.transform,
+            collate=self.objective.collate,
+            seed=cfg.train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            resample=cfg.data.resample,
+            start_batch=self.step * cfg.train.grad_accum,
+            num_workers=cfg.data.num_workers,
+        )
+
+    def _data_position(self) -> dict[str, Any]:
+        return self.stream.position(self.step * self.cfg.train.grad_accum)
+
+    # --- evaluation ---------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        ev = self.cfg.eval
+        if not (ev.knn_train and ev.knn_val):
+            return None
+        model = self.cfg.model
+        encoder = self.objective.encoder()
+        size = tuple(model.img_size) if isinstance(model.img_size, (list, tuple)) else (model.img_size,) * model.spatial_dims
+        view = partial(_eval_view, size=size, channels=model.in_chans, intensity=self.cfg.data.intensity)
+        return knn_accuracy(
+            encoder, ev.knn_train, ev.knn_val, view, pool=ev.pool or self.objective.eval_pool, k=ev.k,
+            temperature=ev.temperature, batch_size=ev.batch_size, device=self.dist.device,
+            dtype=PRECISION_DTYPES[self.cfg.train.precision],
+        )
+
+    # --- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        started = time.perf_counter()
+        monitor = Monitor(self.run_dir / "tb", self.dist.is_main, t.steps, self.step, t.progress)
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.dist.is_main else None
+        peak = peak_flops(self.dist.device)
+        flops_per_sample = self.objective.flops_per_sample()
+        tokens_per_sample = self.objective.tokens_per_sample()
+        monitor.message(
+            f"[medpretrain] {cfg.objective.name} | {sum(p.numel() for p in self.objective.parameters()) / 1e6:.2f}M params"
+            f" | world {self.dist.world_size} ({self.dist.backend}) | ZeRO-{t.zero_stage} {t.precision}"
+            f" | kernels {_kernel_choice()} | {'resuming at step ' + str(self.step) if self.resumed else 'from scratch'}"
+        )
+        if not self.resumed and cfg.eval.at_start:
+            acc = self.evaluate()
+            if acc is not None:
+                self.history["knn_init"] = acc
+                monitor.scalars(0, {"eval/knn_top1": acc})
+                monitor.message(f"[eval] step 0 (random init): kNN top-1 {acc:.4f}")
+
+        loader = make_loader(self.stream, cfg.data.num_workers)
+        batches = iter(loader)
+        timer = StepTimer()
+        last_parts: dict[str, float] = {}
+        batch = out = None
+        try:
+            while self.step < t.steps:
+                lr = lr_at(self.step, t.steps, cfg.optim)
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = lr
+                self.objective.set_progress(self.step, t.steps)
+                parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+                for _ in range(t.grad_accum):
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    stream_stats = batch.pop("_stream", None)
+                    batch = move_batch(batch, self.dist.device)
+                    t1 = time.perf_counter()
+                    out = self.engine(batch)
+                    self.engine.backward(out["loss"])
+                    self.engine.step()
+                    for key, value in out.items():
+                        if not key.startswith("_"):
+                            parts[key] += value.detach().double().cpu() / t.grad_accum
+                    timer.data += t1 - t0
+                    timer.compute += time.perf_counter() - t1
+                    timer.samples += cfg.data.batch_size
+                self.objective.after_step(self.step)
+                self.step += 1
+                timer.steps += 1
+                last = self.step == t.steps
+                if self.step % t.log_every == 0 or last:
+                    last_parts = self._reduce_parts(parts)
+                    scalars = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in last_parts.items()}
+                    scalars.update(self._step_scalars(lr, timer, flops_per_sample, tokens_per_sample, peak))
+                    if stream_stats:
+                        scalars["data/corrupt_shards"] = stream_stats.get("corrupt_shards", 0)
+                        scalars["data/bad_samples"] = stream_stats.get("bad_samples", 0)
+                    monitor.scalars(self.step, scalars)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps({"step": self.step, **scalars}) + "\n")
+                        metrics_file.flush()
+                    timer.reset()
+                monitor.advance(1, {"loss": f"{last_parts.get('loss', float('nan')):.4f}", "lr": f"{lr:.2e}"})
+                if (t.image_log_every and self.step % t.image_log_every == 0) or last:
+                    monitor.images(self.step, self.objective.visualize(batch, out))
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
+                    acc = self.evaluate()
+                    if acc is not None:
+                        monitor.scalars(self.step, {"eval/knn_top1": acc})
+                        monitor.message(f"[eval] step {self.step}: kNN top-1 {acc:.4f}")
+                if self.step % t.ckpt_every == 0 or last:
+                    self.history["wall_seconds"] += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.history["final_loss"] = last_parts.get("loss")
+                    self.save()
+            final_acc = self.evaluate()
+            if final_acc is not None:
+                monitor.scalars(self.step, {"eval/knn_top1": final_acc})
+                monitor.message(f"[eval] step {self.step}: kNN top-1 {final_acc:.4f}")
+        finally:
+            monitor.close()
+            if metrics_file is not None:
+                metrics_file.close()
+            del batches
+        return self._summary(final_acc, time.perf_counter() - started)
+
+    def _reduce_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss parts averaged over ranks (one all-reduce per logged step)."""
+        keys = sorted(parts)
+        values = torch.stack([parts[k] for k in keys]).to(self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.dist.world_size
+        return {k: float(v) for k, v in zip(keys, values.cpu())}
+
+    def _step_scalars(self, lr: float, timer: StepTimer, flops_per_sample: float, tokens: int, peak: float | None) -> dict[str, float]:
+        scalars = {"optim/lr": lr, **timer.rates(tokens, self.dist.world_size), **memory_stats(self.dist.device)}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["optim/grad_norm"] = float(grad_norm)
+        if peak:
+            per_device = scalars["perf/samples_per_s"] / self.dist.world_size
+            scalars["perf/mfu"] = per_device * flops_per_sample / peak
+        scalars.update(self.objective.log_scalars())
+        return scalars
+
+    def save(self) -> Path:
+        client = {"step": self.step, "history": self.history, "data": self._data_position()}
+        return ckpt.save_checkpoint(
+            self.engine, self.ckpt_dir, self.step, client, {}, dump_config(self.cfg), self.cfg.train.keep_checkpoints
+        )
+
+    def _summary(self, final_acc: float | None, wall_tail: float) -> dict[str, Any]:
+        self.history["wall_seconds"] += wall_tail
+        summary = {
+            "run_dir": str(self.run_dir.resolve()),
+            "objective": self.cfg.objective.name,
+            "steps": self.step,
+            "world_size": self.dist.world_size,
+            "wall_seconds": round(self.history["wall_seconds"], 3),
+            "final_loss": self.history.get("final_loss"),
+            "knn_init": self.history.get("knn_init"),
+            "knn_final": final_acc,
+            "checkpoint": str((self.ckpt_dir / ckpt.tag_for(self.step)).resolve()),
+            "tensorboard": str((self.run_dir / "tb").resolve()),
+            "export": None,
+        }
+        if self.dist.is_main:
+            write_summary(self.run_dir, summary)
+        return summary
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    ckpt._atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the summary also written to ``summary.json``."""
+    dist_info = setup_distributed()
+    try:
+        return Trainer(cfg, dist_info).fit()
+    finally:
+        teardown_distributed()

@@ -1,0 +1,125 @@
+"""Weighted k-nearest-neighbour evaluation of a frozen encoder (DINO's protocol).
+
+Features of a labelled memory bank and of labelled queries are L2-normalised;
+each query takes the ``k`` most cosine-similar bank entries, weights their
+votes by ``exp(sim / T)`` and predicts the class with the largest total.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import webdataset as wds
+from torch import nn
+
+from pretrain.data.codec import decode_sample
+from pretrain.data.stream import expand_shards
+
+
+def iter_labelled_samples(spec: str | list[str]) -> Iterator[dict]:
+    """Every labelled sample of a shard set, in shard order (no shuffling, no splitting)."""
+    urls = expand_shards(spec)
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    for raw in dataset:
+        sample = decode_sample(raw)
+        if sample["label"] is None:
+            raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r} has no label; kNN needs labelled shards")
+        yield sample
+
+
+def pool_tokens(x_BTD: torch.Tensor, num_prefix: int, mode: str) -> torch.Tensor:
+    if mode == "cls":
+        return x_BTD[:, 0]
+    if mode == "mean":
+        return x_BTD[:, num_prefix:].mean(dim=1)
+    if mode == "cls+mean":
+        return torch.cat([x_BTD[:, 0], x_BTD[:, num_prefix:].mean(dim=1)], dim=-1)
+    raise ValueError(f"unknown pooling {mode!r} (cls, mean, cls+mean)")
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    spec: str | list[str],
+    view: Callable[[dict], torch.Tensor],
+    *,
+    pool: str,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features N x F float32, labels N) on every rank; ranks share the forward work.
+
+    Every rank runs the same number of forward calls (ZeRO-3 gathers parameters
+    collectively), padding with a repeat of its last batch where it has fewer.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    samples = list(iter_labelled_samples(spec))
+    if not samples:
+        raise ValueError(f"no samples in {spec!r}")
+    mine = samples[rank::world]
+    per_rank = math.ceil(len(samples) / world)
+    calls = math.ceil(per_rank / batch_size)
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for i in range(calls):
+        chunk = mine[i * batch_size : (i + 1) * batch_size]
+        pad = not chunk
+        chunk = chunk or mine[-1:] or samples[:1]
+        x = torch.stack([view(s) for s in chunk]).to(device=device, dtype=dtype)
+        tokens = encoder.forward_features(x)
+        if not pad:
+            feats.append(pool_tokens(tokens, encoder.num_prefix_tokens, pool).float().cpu())
+            labels.extend(int(s["label"]) for s in chunk)
+    encoder.train(was_training)
+    f = torch.cat(feats) if feats else torch.zeros(0)
+    y = torch.tensor(labels, dtype=torch.long)
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (f, y))
+        f = torch.cat([g[0] for g in gathered if g[0].numel()])
+        y = torch.cat([g[1] for g in gathered])
+    return f, y
+
+
+def knn_predict(
+    bank_NF: torch.Tensor, bank_labels: torch.Tensor, query_QF: torch.Tensor, *, k: int = 20,
+    temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024,
+) -> torch.Tensor:
+    """Predicted class per query by temperature-weighted kNN voting over cosine similarity."""
+    bank = F.normalize(bank_NF.float(), dim=1)
+    query = F.normalize(query_QF.float(), dim=1)
+    num_classes = num_classes or int(bank_labels.max()) + 1
+    k = min(k, bank.shape[0])
+    preds = []
+    for start in range(0, query.shape[0], chunk):
+        sim = query[start : start + chunk] @ bank.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes).scatter_add_(1, bank_labels[top_idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(
+    encoder: nn.Module, bank_spec, query_spec, view, *, pool: str, k: int, temperature: float,
+    batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
+) -> float:
+    """Top-1 accuracy in [0, 1] of weighted kNN on the frozen encoder's features."""
+    bank_f, bank_y = extract_features(encoder, bank_spec, view, pool=pool, batch_size=batch_size, device=device, dtype=dtype)
+    query_f, query_y = extract_features(encoder, query_spec, view, pool=pool, batch_size=batch_size, device=device, dtype=dtype)
+    num_classes = int(max(bank_y.max(), query_y.max())) + 1
+    pred = knn_predict(bank_f, bank_y, query_f, k=k, temperature=temperature, num_classes=num_classes)
+    return float((pred == query_y).float().mean())
+
+
+def chance_level(labels: np.ndarray | torch.Tensor) -> float:
+    """Accuracy of always predicting the most frequent class."""
+    counts = np.bincount(np.asarray(labels))
+    return float(counts.max() / counts.sum())

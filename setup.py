@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="medpretrain",
+    version="0.1.0",
+    description="Distributed pretraining of medical-imaging vision foundation models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain*", "kernels*", "launch*", "tools*"]),
+    include_package_data=True,
+    install_requires=[
+        # torch and torchvision must be a matching pair; the regular (CUDA) build
+        # also runs on CPU-only machines, the CPU-only wheel cannot load torchvision ops.
+        "torch>=2.14,<2.15",
+        "torchvision>=0.29,<0.30",
+        "timm>=1.0.20,<2",
+        "deepspeed>=0.17,<0.20",
+        "webdataset>=0.2.100,<2",
+        "transformers>=4.50,<6",
+        "safetensors>=0.4,<1",
+        "huggingface_hub>=0.30,<3",
+        "submitit>=1.5,<2",
+        "tensorboard>=2.15,<3",
+        "numpy>=1.26,<3",
+        "pyyaml>=6,<7",
+        "tqdm>=4.66,<5",
+        "pillow>=10,<14",
+        "tifffile>=2024.1.1",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["pretrain=tools.cli:main"]},
+)

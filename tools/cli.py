@@ -1,0 +1,152 @@
+"""The ``pretrain`` console command: thin wrappers over functions tests call directly."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.engine.trainer import train, write_summary
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if cfg.train.export_on_end and not args.no_export:
+        from tools.export import export_encoder
+
+        summary["export"] = str(export_encoder(cfg.train.run_dir, Path(cfg.train.run_dir) / "export").resolve())
+        write_summary(Path(cfg.train.run_dir), summary)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    print(f"\nrun directory : {summary['run_dir']}")
+    print(f"steps         : {summary['steps']}  ({summary['wall_seconds']:.0f} s)  final loss {summary['final_loss']:.4f}")
+    print(f"kNN top-1     : random init {pct(summary['knn_init'])}  ->  pretrained {pct(summary['knn_final'])}")
+    print(f"tensorboard   : tensorboard --logdir {summary['tensorboard']}")
+    print(f"checkpoint    : {summary['checkpoint']}")
+    print(f"export        : {summary['export'] or 'not exported'}")
+    print(f"summary       : {Path(summary['run_dir']) / 'summary.json'}")
+
+
+def _eval_knn(args: argparse.Namespace) -> int:
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.data.transforms import eval_view
+    from pretrain.eval.knn import knn_accuracy
+    from pretrain.models.vit import VisionTransformer
+    from tools.export import load_exported_encoder
+
+    if args.random_init:
+        cfg = load_config(args.random_init, args.overrides)
+        torch.manual_seed(cfg.train.seed)
+        encoder, intensity = VisionTransformer(cfg.model), cfg.data.intensity
+    else:
+        source = Path(args.source)
+        if not (source / "config.json").is_file():
+            from tools.export import export_encoder
+
+            source = export_encoder(source, Path(args.source) / "export")
+        encoder, intensity = load_exported_encoder(source), args.intensity
+    m = encoder.cfg
+    size = tuple(m.img_size) if isinstance(m.img_size, (list, tuple)) else (m.img_size,) * m.spatial_dims
+
+    def view(sample):
+        return eval_view(sample["image"], size, m.in_chans, intensity, key=sample["__key__"])
+
+    acc = knn_accuracy(
+        encoder, args.train, args.val, view, pool=args.pool, k=args.k, temperature=args.temperature,
+        batch_size=args.batch_size, device=torch.device("cpu"),
+    )
+    print(json.dumps({"knn_top1": acc, "k": args.k, "temperature": args.temperature, "pool": args.pool}))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tools.export import export_encoder
+
+    print(export_encoder(args.source, args.out))
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from tools.demo_data import make_demo_data
+
+    print(json.dumps(make_demo_data(args.out, scale=args.scale, seed=args.seed), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description="medpretrain: pretrain medical-imaging encoders")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain (or resume) a run from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
+    p.add_argument("--no-export", action="store_true", help="skip the export at the end")
+    p.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate an encoder").add_subparsers(dest="eval_command", required=True)
+    k = ev.add_parser("knn", help="weighted kNN top-1 of a frozen encoder on labelled shards")
+    k.add_argument("source", nargs="?", help="export folder, run directory or checkpoint folder")
+    k.add_argument("--random-init", metavar="CONFIG", help="evaluate a random-init encoder built from CONFIG")
+    k.add_argument("overrides", nargs="*", help="config overrides with --random-init")
+    k.add_argument("--train", required=True, help="labelled shards: the kNN memory bank")
+    k.add_argument("--val", required=True, help="labelled shards: the queries")
+    k.add_argument("--k", type=int, default=20)
+    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--pool", default="mean", choices=["cls", "mean", "cls+mean"])
+    k.add_argument("--intensity", default="zscore", choices=["zscore", "range", "none"])
+    k.add_argument("--batch-size", type=int, default=64)
+    k.set_defaults(func=_eval_knn)
+
+    from tools.shards import add_shards_parser
+
+    shards = add_shards_parser(sub)
+    d = shards.add_parser("demo", help="generate the embedded synthetic demo data set as shards")
+    d.add_argument("out")
+    d.add_argument("--scale", type=float, default=1.0, help="multiply every split's sample count")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo_data)
+
+    e = sub.add_parser("export", help="export the encoder of a run or checkpoint")
+    e.add_argument("source", help="run directory or checkpoint folder")
+    e.add_argument("out")
+    e.set_defaults(func=_export)
+
+    from tools.bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MEDPRETRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "eval" and not args.random_init and not args.source:
+        print("pretrain eval knn: give SOURCE or --random-init CONFIG", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        from pretrain.config import ConfigError
+
+        if isinstance(e, (ConfigError, FileNotFoundError)):
+            print(f"pretrain: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Export a trained encoder: one fp32 safetensors file, its config and a model card.
+
+The weights are consolidated from the DeepSpeed checkpoint (ZeRO 0-3, any
+precision) into fp32, loaded into a freshly built objective (so a mismatch is
+an error here, not in the user's hands), and the objective's ``encoder()`` is
+written. 2D encoders keep timm's parameter names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretrain.config import config_to_dict, load_config
+from pretrain.engine.checkpoint import COMPLETE, latest_tag
+from pretrain.models.vit import ViTConfig, VisionTransformer
+from pretrain.objectives import build_objective
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A run directory (its latest checkpoint), a checkpoints folder, or one checkpoint folder."""
+    source = Path(source)
+    if (source / COMPLETE).is_file():
+        return source
+    for root in (source / "checkpoints", source):
+        if (root / "latest").is_file():
+            return root / latest_tag(root)
+    raise FileNotFoundError(f"{source}: no complete checkpoint (expected a run dir, its checkpoints/ or a step_* folder)")
+
+
+def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The objective's full state dict in fp32 from a DeepSpeed checkpoint folder."""
+    if any(ckpt.glob("*optim_states.pt")):  # ZeRO 1-3 (and bf16) keep fp32 masters in optimizer shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def export_encoder(source: str | Path, out: str | Path) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and ``README.md`` for the encoder; returns ``out``."""
+    ckpt = resolve_checkpoint(source)
+    cfg = load_config(ckpt / "config.yaml")
+    objective = build_objective(cfg)
+    missing, unexpected = objective.load_state_dict(fp32_state_dict(ckpt), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt}: checkpoint does not match the objective: missing {missing}, unexpected {unexpected}")
+    encoder_state = {k: v.detach().float().contiguous() for k, v in objective.encoder().state_dict().items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    step = int((ckpt / COMPLETE).read_text().strip() or 0)
+    save_file(encoder_state, str(out / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+    meta = {
+        "architecture": "medpretrain.VisionTransformer",
+        "model": config_to_dict(cfg.model),
+        "objective": cfg.objective.name,
+        "step": step,
+        "source_checkpoint": str(ckpt.resolve()),
+        "num_parameters": sum(v.numel() for v in encoder_state.values()),
+    }
+    (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "README.md").write_text(_model_card(meta))
+    log.info("exported %s -> %s", ckpt, out)
+    return out
+
+
+def load_exported_encoder(folder: str | Path) -> VisionTransformer:
+    """Rebuild the encoder from an export folder (strict: every key must match)."""
+    folder = Path(folder)
+    meta = json.loads((folder / CONFIG).read_text())
+    from pretrain.config.typed import build
+
+    encoder = VisionTransformer(build(ViTConfig, meta["model"], "model"))
+    encoder.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+    return encoder
+
+
+def _model_card(meta: dict[str, Any]) -> str:
+    m = meta["model"]
+    dims = "3D" if m["spatial_dims"] == 3 else "2D"
+    return (
+        f"# medpretrain {dims} ViT encoder\n\n"
+        f"Pretrained with `{meta['objective']}` for {meta['step']} steps by medpretrain.\n\n"
+        f"- input: {m['in_chans']} channel(s), {dims}, image size {m['img_size']}, patch {m['patch_size']}\n"
+        f"- width {m['embed_dim']}, depth {m['depth']}, heads {m['num_heads']}, parameters {meta['num_parameters']:,}\n"
+        f"- weights: `{WEIGHTS}` (fp32); full config: `{CONFIG}`\n"
+    )

@@ -88,6 +88,7 @@ def normalise_sources(raw: dict[str, Any]) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     raw = read_yaml(path) if path is not None else {}
+    normalise_sources(raw)  # so that overrides can address data.train.<i>.<key>
     for override in overrides:
         apply_override(raw, override)
     normalise_sources(raw)

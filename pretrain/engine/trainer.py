@@ -152,26 +152,8 @@ class Trainer:
         batch = out = None
         try:
             while self.step < t.steps:
-                lr = lr_at(self.step, t.steps, cfg.optim)
-                for group in self.engine.optimizer.param_groups:
-                    group["lr"] = lr
-                self.objective.set_progress(self.step, t.steps)
-                parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-                for _ in range(t.grad_accum):
-                    t0 = time.perf_counter()
-                    batch = next(batches)
-                    stream_stats = batch.pop("_stream", None)
-                    batch = move_batch(batch, self.dist.device)
-                    t1 = time.perf_counter()
-                    out = self.engine(batch)
-                    self.engine.backward(out["loss"])
-                    self.engine.step()
-                    for key, value in out.items():
-                        if not key.startswith("_"):
-                            parts[key] += value.detach().double().cpu() / t.grad_accum
-                    timer.data += t1 - t0
-                    timer.compute += time.perf_counter() - t1
-                    timer.samples += cfg.data.batch_size
+                lr = self.set_schedules()
+                parts, stream_stats, batch, out = self.train_step(batches, timer)
                 self.objective.after_step(self.step)
                 self.step += 1
                 timer.steps += 1
@@ -211,6 +193,41 @@ class Trainer:
                 metrics_file.close()
             del batches
         return self._summary(final_acc, time.perf_counter() - started)
+
+    def train_step(self, batches, timer: StepTimer | None = None):
+        """One optimizer step over ``grad_accum`` micro-batches from ``batches``.
+
+        Returns (loss parts averaged over micro-batches, the stream's counters,
+        the last batch, the last outputs). Schedules must already be set.
+        """
+        accum = self.cfg.train.grad_accum
+        parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        stream_stats = batch = out = None
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            stream_stats = batch.pop("_stream", None)
+            batch = move_batch(batch, self.dist.device)
+            t1 = time.perf_counter()
+            out = self.engine(batch)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            for key, value in out.items():
+                if not key.startswith("_"):
+                    parts[key] += value.detach().double().cpu() / accum
+            if timer is not None:
+                timer.data += t1 - t0
+                timer.compute += time.perf_counter() - t1
+                timer.samples += self.cfg.data.batch_size
+        return parts, stream_stats, batch, out
+
+    def set_schedules(self) -> float:
+        """Learning rate and the objective's schedules for the coming step; returns the lr."""
+        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.objective.set_progress(self.step, self.cfg.train.steps)
+        return lr
 
     def _reduce_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss parts averaged over ranks (one all-reduce per logged step)."""

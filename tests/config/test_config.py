@@ -1,0 +1,81 @@
+"""Config schema: YAML + dotted overrides -> typed dataclasses, errors that name the key."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pretrain.config import ConfigError, dump_config, load_config
+from pretrain.config.load import apply_override
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_demo_config_loads_and_round_trips(tmp_path):
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.objective.name == "mae" and cfg.model.embed_dim == 128
+    again = load_config(write(tmp_path, "resolved.yaml", yaml.safe_load(dump_config(cfg))))
+    assert again == cfg
+
+
+def test_overrides_set_typed_values():
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.steps=7", "objective.mask_ratio=0.6", "data.train=a/b"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 7 and cfg.objective.mask_ratio == 0.6
+    assert cfg.data.train[0].shards == "a/b" and cfg.data.train[0].weight == 1.0
+
+
+def test_unknown_key_names_key_and_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr'.*did you mean 'optim\.lr'"):
+        load_config("configs/demo.yaml", ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"'objective\.mask_ration'.*'objective\.mask_ratio'"):
+        load_config("configs/demo.yaml", ["objective.mask_ration=0.5"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*did you mean 'train'"):
+        load_config(None, ["trian.steps=3"])
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(ConfigError, match=r"'train\.steps' expects an integer, got 'many'"):
+        load_config("configs/demo.yaml", ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"'train\.progress' expects true/false"):
+        load_config("configs/demo.yaml", ["train.progress=3"])
+    with pytest.raises(ConfigError, match=r"'optim\.betas' expects 2 items"):
+        load_config("configs/demo.yaml", ["optim.betas=[0.9]"])
+    with pytest.raises(ConfigError, match=r"'train\.precision' must be one of .*did you mean 'bf16'"):
+        load_config("configs/demo.yaml", ["train.precision=bf61"])
+
+
+def test_value_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"train\.zero_stage"):
+        load_config("configs/demo.yaml", ["train.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"objective.*mask_ratio"):
+        load_config("configs/demo.yaml", ["objective.mask_ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"unknown objective 'maee'.*did you mean 'mae'"):
+        load_config("configs/demo.yaml", ["objective.name=maee"])
+
+
+def test_base_chain_merges_and_rejects_loops(tmp_path):
+    write(tmp_path, "base.yaml", {"train": {"steps": 5, "seed": 3}, "optim": {"lr": 0.1}})
+    child = write(tmp_path, "child.yaml", {"base": "base.yaml", "train": {"steps": 9}})
+    cfg = load_config(child)
+    assert (cfg.train.steps, cfg.train.seed, cfg.optim.lr) == (9, 3, 0.1)
+    write(tmp_path, "a.yaml", {"base": "b.yaml"})
+    write(tmp_path, "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_bad_files_and_overrides_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_override({}, "train.steps")
+    with pytest.raises(ConfigError, match=r"'data\.train\.5'"):
+        load_config("configs/demo.yaml", ["data.train.5.weight=2"])

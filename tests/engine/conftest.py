@@ -1,0 +1,189 @@
+"""Shared fixtures of the trainer tests: tiny demo shards, a tiny config, N ranks of `pretrain train`.
+
+Every run here is a real `pretrain train` started as separate OS processes
+(one per rank, gloo over 127.0.0.1), exactly as a launcher would start them,
+so the tests see what a user sees: exit codes, output and the run folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from pretrain.engine.distributed import free_port
+
+# `python -m tools.cli` is the `pretrain` console command, without relying on the venv's bin/ being on PATH.
+PRETRAIN = [sys.executable, "/tmp/eng/pt.py"]  # DEVSHIM
+DEMO_SPLITS = ["pretrain_2d", "knn_train_2d", "knn_val_2d"]
+RUN_TIMEOUT_S = 240.0
+
+# Substrings that mean a rank died badly even when its exit code looks fine.
+FATAL_MARKERS = ("terminate called", "Segmentation fault", "core dumped")
+
+
+def tiny_config(shards: Path) -> dict:
+    """A run that trains in well under a second per step on one CPU core, and whose loss falls in 10 steps."""
+    return {
+        "model": {"preset": "nano", "spatial_dims": 2, "img_size": 32, "patch_size": 8, "in_chans": 1,
+                  "pos_embed": "sincos"},
+        "objective": {"name": "mae", "mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1,
+                      "decoder_heads": 2, "norm_pix_loss": True},
+        "data": {"train": str(shards / "pretrain_2d"), "batch_size": 8, "num_workers": 0, "shuffle_buffer": 64},
+        "optim": {"lr": 3.0e-3, "min_lr": 1.0e-4, "warmup_steps": 2, "weight_decay": 0.05, "grad_clip": 1.0},
+        "train": {"steps": 10, "seed": 0, "precision": "fp32", "zero_stage": 0, "log_every": 1,
+                  "ckpt_every": 1000, "progress": False, "export_on_end": False, "threads": 1},
+        "eval": {"knn_train": None, "knn_val": None, "at_start": False},
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 2D demo splits at 5% scale (400 pretraining images in one shard), made once per session."""
+    from tools.demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo_shards")
+    make_demo_data(out, scale=0.05, splits=DEMO_SPLITS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_yaml(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
+    """The tiny config as a YAML file; tests vary it with dotted overrides."""
+    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(demo_shards), sort_keys=False))
+    return path
+
+
+@dataclass
+class RankResults:
+    """What the ranks of one run left behind: exit codes (rank order) and combined stdout+stderr."""
+
+    returncodes: list[int]
+    outputs: list[str]
+
+    def describe(self) -> str:
+        return "\n".join(f"--- rank {r} (exit {code}) ---\n{out[-4000:]}"
+                         for r, (code, out) in enumerate(zip(self.returncodes, self.outputs)))
+
+    def assert_clean(self) -> None:
+        """Every rank exited 0 and none aborted at interpreter exit."""
+        assert all(code == 0 for code in self.returncodes), self.describe()
+        for rank, out in enumerate(self.outputs):
+            for marker in FATAL_MARKERS:
+                assert marker not in out, f"rank {rank} printed {marker!r}\n{self.describe()}"
+
+
+class RankGroup:
+    """``world_size`` processes of ``pretrain <args>``, one per rank, each in its own process group.
+
+    Output goes to files (a full pipe would block a rank). Killing a rank kills its
+    whole process group, DataLoader workers included, as a crashed node would lose them.
+    """
+
+    def __init__(self, args: list[str], world_size: int, cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.world_size = world_size
+        self.log_dir = Path(cwd) / f"rank_logs_{time.monotonic_ns()}"
+        self.log_dir.mkdir(parents=True)
+        port = str(free_port())
+        self.procs: list[subprocess.Popen] = []
+        self.log_files = []
+        for rank in range(world_size):
+            rank_env = dict(os.environ)
+            rank_env.update(
+                RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                # CPU tests: one thread per rank on a 2-core machine, and no GPU even where one exists.
+                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+            )
+            rank_env.update(env or {})
+            log = open(self.log_dir / f"rank{rank}.log", "w")
+            self.log_files.append(log)
+            self.procs.append(subprocess.Popen(
+                PRETRAIN + list(args), cwd=cwd, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            ))
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S, until: Callable[[], bool] | None = None) -> bool:
+        """Wait until every rank has exited, or ``until()`` holds (then True; the ranks keep running).
+
+        A rank that exits non-zero gets the others killed at once, so a failure never
+        turns into a hang in a collective; a run past ``timeout`` is killed and fails the test.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in self.procs]
+            if until is not None and until():
+                return True
+            if all(code is not None for code in codes):
+                return False
+            if any(code not in (None, 0) for code in codes):
+                self.kill()
+                return False
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"ranks still running after {timeout:.0f} s; killed\n{self.results().describe()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL every rank still running, with its children, and reap them."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
+            proc.wait()
+
+    def results(self) -> RankResults:
+        for log in self.log_files:
+            log.flush()
+        outputs = [(self.log_dir / f"rank{r}.log").read_text(errors="replace") for r in range(self.world_size)]
+        return RankResults([p.returncode if p.returncode is not None else -1 for p in self.procs], outputs)
+
+    def close(self) -> None:
+        self.kill()
+        for log in self.log_files:
+            log.close()
+
+
+def run_ranks(args: list[str], world_size: int, cwd: Path, timeout: float = RUN_TIMEOUT_S,
+              env: dict[str, str] | None = None) -> RankResults:
+    """Start ``world_size`` ranks of ``pretrain <args>``, wait for all (killing all if one fails), return results."""
+    group = RankGroup(args, world_size, cwd, env)
+    try:
+        group.wait(timeout)
+        return group.results()
+    finally:
+        group.close()
+
+
+def train_args(config: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """``pretrain train`` arguments for ``config`` writing to ``run_dir``."""
+    return ["train", str(config), f"train.run_dir={run_dir}", *overrides, "--no-export"]
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> total loss, from the run's metrics.jsonl (one line per logged step; a resumed run appends)."""
+    losses: dict[int, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        losses[record["step"]] = record["loss/total"]
+    return losses
+
+
+def loss_curve(run_dir: Path, steps: int) -> list[float]:
+    """The loss of steps 1..steps; fails when a step is missing from the log."""
+    losses = read_losses(run_dir)
+    missing = [s for s in range(1, steps + 1) if s not in losses]
+    assert not missing, f"{run_dir}/metrics.jsonl lacks steps {missing}"
+    return [losses[s] for s in range(1, steps + 1)]

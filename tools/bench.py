@@ -1,0 +1,236 @@
+"""``pretrain bench {data,step}``: throughput benchmarks that write JSON results.
+
+Every result holds the device, the library versions, the config and shapes
+measured, the raw timings of every repeat and the summary numbers, and is
+written to ``benchmarks/bench-<name>-<device>.json`` unless ``--out`` says
+otherwise. The measurements live in :mod:`tools.bench_data` and
+:mod:`tools.bench_step`; this module holds the command line and the shared
+reporting.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+VERSIONED_PACKAGES = ("torch", "deepspeed", "webdataset", "timm", "numpy")
+
+
+class BenchInputError(ValueError):
+    """A benchmark input (shard set, option) that cannot be measured; the message names it."""
+
+
+# --- what every result records --------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def device_tag() -> str:
+    """File-name-safe name of where the benchmark ran: the GPU's name, else the host's."""
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else socket.gethostname()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def default_out(name: str) -> Path:
+    return Path("benchmarks") / f"bench-{name}-{device_tag()}.json"
+
+
+def new_result(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The common head of a result: benchmark name, time, options, device, versions."""
+    return {
+        "benchmark": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": options,
+        "device": device_info(),
+        "versions": versions(),
+    }
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> Path:
+    """Write ``result`` as indented JSON (atomically: a half-written file never replaces a good one)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table; floats get 4 significant digits."""
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command-line options, as they go into the result."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
+
+
+def _reported(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Bad benchmark input ends the command with its message and exit code 2, not a traceback."""
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except BenchInputError as e:
+            print(f"pretrain bench {args.bench_command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+@_reported
+def _bench_data(args: argparse.Namespace) -> int:
+    from tools.bench_data import print_data_summary, run_data_bench
+
+    with tempfile.TemporaryDirectory(prefix="medpretrain-bench-data-") as tmp:
+        result = run_data_bench(
+            config=args.config, overrides=args.overrides, shards_2d=args.shards_2d, shards_3d=args.shards_3d,
+            dims=args.dims, workers=args.workers, seconds=args.seconds, repeats=args.repeats,
+            warmup_batches=args.warmup_batches, batch_size=args.batch_size, demo_samples=args.demo_samples,
+            scratch=Path(tmp), progress=not args.quiet,
+        )
+    result = {**new_result("data", _options(args)), **result}
+    out = write_result(result, args.out or default_out("data"))
+    print_data_summary(result)
+    print(f"result: {out}")
+    return 0
+
+
+@_reported
+def _bench_step(args: argparse.Namespace) -> int:
+    from tools.bench_step import print_step_summary, run_step_bench
+
+    with tempfile.TemporaryDirectory(prefix="medpretrain-bench-step-") as tmp:
+        result = run_step_bench(
+            config=args.config, overrides=args.overrides, batch_size=args.batch_size, rounds=args.rounds,
+            steps=args.steps, warmup=args.warmup, threads=args.threads, shards=args.shards,
+            profile_steps=args.profile, scratch=Path(tmp),
+        )
+    result = {**new_result("step", _options(args)), **result}
+    out = write_result(result, args.out or default_out("step"))
+    print_step_summary(result)
+    print(f"result: {out}")
+    return 0
+
+
+def add_bench_parser(subparsers: Any) -> Any:
+    """Register ``pretrain bench {data,step}`` on an argparse subparsers object; returns the group."""
+    parser = subparsers.add_parser("bench", help="benchmark the data loaders or the trainer's step overhead",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="bench_command", required=True)
+
+    data = actions.add_parser("data", help="samples/s per core of the 2D and 3D loaders")
+    data.add_argument("overrides", nargs="*", help="dotted config overrides applied to both loaders")
+    data.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/demo.yaml)")
+    data.add_argument("--shards-2d", metavar="DIR", help="2D shard set to read (default: generated demo shards)")
+    data.add_argument("--shards-3d", metavar="DIR", help="3D shard set to read (default: generated demo shards)")
+    data.add_argument("--dims", type=int, nargs="+", choices=[2, 3], default=[2, 3], help="default: 2 3")
+    data.add_argument("--workers", type=_positive(int), nargs="+", default=[1, 2],
+                      help="DataLoader worker counts to measure (default: 1 2)")
+    data.add_argument("--seconds", type=_positive(float), default=10.0, help="budget per measurement (default: 10)")
+    data.add_argument("--repeats", type=_positive(int), default=3, help="measurements per setting (default: 3)")
+    data.add_argument("--warmup-batches", type=_positive(int), default=3, help="batches before timing (default: 3)")
+    data.add_argument("--batch-size", type=_positive(int), help="default: the config's data.batch_size")
+    data.add_argument("--demo-samples", type=_positive(int), default=1000,
+                      help="samples per generated demo shard set (default: 1000, i.e. 2 shards)")
+    data.add_argument("--quiet", action="store_true", help="no progress bar while generating demo shards")
+    data.add_argument("--out", help="JSON result path (default: benchmarks/bench-data-<device>.json)")
+    data.set_defaults(func=_bench_data)
+
+    step = actions.add_parser("step", help="trainer step time against a bare PyTorch loop on the same batch")
+    step.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.preset=nano")
+    step.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/demo.yaml)")
+    step.add_argument("--batch-size", type=_positive(int), help="default: the config's data.batch_size")
+    step.add_argument("--rounds", type=_positive(int), default=7, help="alternating rounds (default: 7)")
+    step.add_argument("--steps", type=_positive(int), default=10, help="steps per side per round (default: 10)")
+    step.add_argument("--warmup", type=_positive(int), default=3, help="untimed steps per side first (default: 3)")
+    step.add_argument("--threads", type=_positive(int),
+                      help="torch threads for both sides (default: train.threads, else torch's default)")
+    step.add_argument("--shards", metavar="DIR", help="shards for the fixed batch (default: generated demo shards)")
+    step.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="also cProfile N steps of each side and record where the time goes")
+    step.add_argument("--out", help="JSON result path (default: benchmarks/bench-step-<device>.json)")
+    step.set_defaults(func=_bench_step)
+    return actions

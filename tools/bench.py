@@ -186,7 +186,7 @@ def _bench_step(args: argparse.Namespace) -> int:
         result = run_step_bench(
             config=args.config, overrides=args.overrides, batch_size=args.batch_size, rounds=args.rounds,
             steps=args.steps, warmup=args.warmup, threads=args.threads, shards=args.shards,
-            profile_steps=args.profile, scratch=Path(tmp),
+            profile_steps_per_side=args.profile, scratch=Path(tmp),
         )
     result = {**new_result("step", _options(args)), **result}
     out = write_result(result, args.out or default_out("step"))

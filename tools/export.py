@@ -69,6 +69,8 @@ def export_encoder(source: str | Path, out: str | Path) -> Path:
         "source_checkpoint": str(ckpt.resolve()),
         "num_parameters": sum(v.numel() for v in encoder_state.values()),
     }
+    if cfg.model.spatial_dims == 2:
+        meta["timm_kwargs"] = timm_kwargs(meta["model"])
     (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(_model_card(meta))
     log.info("exported %s -> %s", ckpt, out)
@@ -84,6 +86,33 @@ def load_exported_encoder(folder: str | Path) -> VisionTransformer:
     encoder = VisionTransformer(build(ViTConfig, meta["model"], "model"))
     encoder.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
     return encoder
+
+
+def timm_kwargs(model: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of timm's ``VisionTransformer`` that build this 2D encoder (JSON-safe)."""
+    if model["spatial_dims"] != 2:
+        raise ValueError("timm builds 2D ViTs only; 3D encoders export for MONAI")
+    return {
+        "img_size": model["img_size"], "patch_size": model["patch_size"], "in_chans": model["in_chans"],
+        "embed_dim": model["embed_dim"], "depth": model["depth"], "num_heads": model["num_heads"],
+        "mlp_ratio": model["mlp_ratio"], "qkv_bias": model["qkv_bias"], "reg_tokens": model["num_register_tokens"],
+        "init_values": model["layer_scale_init"], "num_classes": 0, "global_pool": "token", "class_token": True,
+    }
+
+
+def load_into_timm(folder: str | Path):
+    """A timm ``VisionTransformer`` holding the exported 2D weights (``strict=True``)."""
+    from timm.layers import SwiGLU
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    folder = Path(folder)
+    meta = json.loads((folder / CONFIG).read_text())
+    kwargs = dict(meta["timm_kwargs"])
+    if meta["model"]["mlp"] == "swiglu":
+        kwargs.update(mlp_layer=SwiGLU, act_layer=torch.nn.SiLU)
+    model = TimmViT(**kwargs)
+    model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+    return model
 
 
 def _model_card(meta: dict[str, Any]) -> str:

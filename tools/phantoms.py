@@ -68,28 +68,38 @@ def _smooth_field(coords: list[np.ndarray], rng: np.random.Generator, strength: 
 
 
 def phantom(label: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """A float32 phantom of ``shape`` (2D or 3D) with lesions of class ``label``, roughly in [0, 1]."""
+    """A float32 chest-like phantom of ``shape`` (2D or 3D), roughly in [0, 1].
+
+    Body with two lungs, a mediastinum and 0-3 focal nodules; the class is the
+    diffuse texture pattern inside the lungs (as in interstitial lung disease).
+    """
     if label not in range(len(CLASSES)):
         raise ValueError(f"label must be in 0..{len(CLASSES) - 1}, got {label}")
     coords = _coords(shape)
     coords_px = [c * (n - 1) / 2 for c, n in zip(coords, shape)]
     n = len(shape)
-    body_centre = rng.uniform(-0.12, 0.12, size=n)
-    body_radii = rng.uniform(0.6, 0.92, size=n)
-    body = _ellipsoid(coords, body_centre, body_radii, rng.uniform(-0.4, 0.4))
+    body_centre = rng.uniform(-0.1, 0.1, size=n)
+    body_radii = rng.uniform(0.7, 0.95, size=n)
+    body = _ellipsoid(coords, body_centre, body_radii, rng.uniform(-0.3, 0.3))
     img = np.full(shape, rng.uniform(0.0, 0.08), dtype=np.float32)
-    img[body] = rng.uniform(0.3, 0.55)
-    for _ in range(rng.integers(1, 4)):  # organs
-        centre = body_centre + rng.uniform(-0.45, 0.45, size=n) * body_radii
-        organ = _ellipsoid(coords, centre, rng.uniform(0.12, 0.35, size=n), rng.uniform(0, math.pi)) & body
-        img[organ] += rng.uniform(-0.15, 0.2)
-    for _ in range(rng.integers(1, 4)):  # lesions: the class lives in their texture
-        centre = body_centre + rng.uniform(-0.4, 0.4, size=n) * body_radii
-        lesion = _ellipsoid(coords, centre, rng.uniform(0.18, 0.32, size=n), rng.uniform(0, math.pi)) & body
-        texture = _texture(label, coords_px, rng)
-        img[lesion] += rng.uniform(-0.05, 0.1) + rng.uniform(0.08, 0.14) * texture[lesion]
+    img[body] = rng.uniform(0.45, 0.65)
+    texture = _texture(label, coords_px, rng)
+    amplitude = rng.uniform(0.07, 0.12)
+    for side in (-1.0, 1.0):  # lungs: the class lives in their texture
+        centre = body_centre.copy()
+        centre[-1] += side * rng.uniform(0.3, 0.45) * body_radii[-1]
+        centre[:-1] += rng.uniform(-0.1, 0.1, size=n - 1)
+        radii = rng.uniform(0.3, 0.45, size=n) * body_radii
+        radii[:-1] *= rng.uniform(1.2, 1.6)  # taller than wide
+        lung = _ellipsoid(coords, centre, radii, rng.uniform(-0.3, 0.3)) & body
+        img[lung] = rng.uniform(0.2, 0.32) + amplitude * texture[lung]
+    mediastinum = _ellipsoid(coords, body_centre + rng.uniform(-0.1, 0.1, size=n), rng.uniform(0.15, 0.3, size=n), 0.0) & body
+    img[mediastinum] += rng.uniform(0.05, 0.2)
+    for _ in range(rng.integers(0, 4)):  # focal nodules: nuisance, in every class
+        centre = body_centre + rng.uniform(-0.6, 0.6, size=n) * body_radii
+        img[_ellipsoid(coords, centre, rng.uniform(0.04, 0.12, size=n), 0.0) & body] += rng.uniform(0.1, 0.3)
     img *= _smooth_field(coords, rng, strength=rng.uniform(0.05, 0.25))
-    img += rng.normal(0.0, rng.uniform(0.01, 0.035), size=shape).astype(np.float32)
+    img += rng.normal(0.0, rng.uniform(0.01, 0.03), size=shape).astype(np.float32)
     return img * rng.uniform(0.8, 1.2) + rng.uniform(-0.05, 0.05)
 
 

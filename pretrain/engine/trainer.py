@@ -39,6 +39,11 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _parameter_count(model: torch.nn.Module) -> int:
+    # ZeRO-3 leaves each parameter an empty placeholder; its full size is in ds_numel.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def _kernel_choice() -> str:
     d = kernels.describe()
     return ", ".join(f"{op}={info['resolved']}" for op, info in d.items())
@@ -65,6 +70,10 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode NaN-fills every torch.empty; ZeRO-1/2 allocate their gradient buckets
+            # (reduce_bucket_size, 5e8 elements) with torch.empty each step, which then costs seconds.
+            # DeepSpeed writes those buffers before reading them, so the fill buys no determinism.
+            torch.utils.deterministic.fill_uninitialized_memory = False
         kernels.configure(attention=cfg.kernels.attention, patch_embed=cfg.kernels.patch_embed)
 
         seed_all(cfg.train.seed)  # identical initial weights on every rank
@@ -134,7 +143,7 @@ class Trainer:
         flops_per_sample = self.objective.flops_per_sample()
         tokens_per_sample = self.objective.tokens_per_sample()
         monitor.message(
-            f"[medpretrain] {cfg.objective.name} | {sum(p.numel() for p in self.objective.parameters()) / 1e6:.2f}M params"
+            f"[medpretrain] {cfg.objective.name} | {_parameter_count(self.objective) / 1e6:.2f}M params"
             f" | world {self.dist.world_size} ({self.dist.backend}) | ZeRO-{t.zero_stage} {t.precision}"
             f" | kernels {_kernel_choice()} | {'resuming at step ' + str(self.step) if self.resumed else 'from scratch'}"
         )

@@ -101,7 +101,9 @@ def knn_predict(
     for start in range(0, query.shape[0], chunk):
         sim = query[start : start + chunk] @ bank.T
         top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
+        # Shift by the best similarity: a common factor per query, so the vote is
+        # unchanged, but exp() cannot overflow at small temperatures.
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
         votes = torch.zeros(sim.shape[0], num_classes).scatter_add_(1, bank_labels[top_idx], weights)
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)

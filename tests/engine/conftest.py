@@ -22,7 +22,7 @@ import yaml
 from pretrain.engine.distributed import free_port
 
 # `python -m tools.cli` is the `pretrain` console command, without relying on the venv's bin/ being on PATH.
-PRETRAIN = [sys.executable, "/tmp/eng/pt.py"]  # DEVSHIM
+PRETRAIN = [sys.executable, "-m", "tools.cli"]
 DEMO_SPLITS = ["pretrain_2d", "knn_train_2d", "knn_val_2d"]
 RUN_TIMEOUT_S = 240.0
 

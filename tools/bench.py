@@ -117,14 +117,18 @@ def median(values: Sequence[float]) -> float:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain fixed-width table; floats get 4 significant digits."""
+    """A plain fixed-width table: text left-aligned, numbers right-aligned, floats to 4 significant digits."""
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
+    def align(v: Any, text: str, width: int) -> str:
+        return text.ljust(width) if isinstance(v, str) else text.rjust(width)
+
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(align(v, c, w) for v, c, w in zip(row, cells_row, widths)).rstrip()
+              for row, cells_row in zip(rows, cells)]
     return "\n".join(lines)
 
 
@@ -138,6 +142,22 @@ def _positive(kind: type):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
+    return parse
+
+
+def _int_list(choices: Sequence[int] | None = None):
+    """A comma-separated list of positive ints (``1,2``); a list keeps the trailing overrides unambiguous."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints") from None
+        bad = [v for v in values if v <= 0 or (choices is not None and v not in choices)]
+        if not values or bad:
+            allowed = f"from {', '.join(map(str, choices))}" if choices else "> 0"
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be {allowed}")
+        return sorted(set(values))
 
     return parse
 
@@ -206,9 +226,9 @@ def add_bench_parser(subparsers: Any) -> Any:
     data.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/demo.yaml)")
     data.add_argument("--shards-2d", metavar="DIR", help="2D shard set to read (default: generated demo shards)")
     data.add_argument("--shards-3d", metavar="DIR", help="3D shard set to read (default: generated demo shards)")
-    data.add_argument("--dims", type=int, nargs="+", choices=[2, 3], default=[2, 3], help="default: 2 3")
-    data.add_argument("--workers", type=_positive(int), nargs="+", default=[1, 2],
-                      help="DataLoader worker counts to measure (default: 1 2)")
+    data.add_argument("--dims", type=_int_list((2, 3)), default=[2, 3], help="loaders to measure (default: 2,3)")
+    data.add_argument("--workers", type=_int_list(), default=[1, 2],
+                      help="DataLoader worker counts to measure (default: 1,2)")
     data.add_argument("--seconds", type=_positive(float), default=10.0, help="budget per measurement (default: 10)")
     data.add_argument("--repeats", type=_positive(int), default=3, help="measurements per setting (default: 3)")
     data.add_argument("--warmup-batches", type=_positive(int), default=3, help="batches before timing (default: 3)")
@@ -223,8 +243,8 @@ def add_bench_parser(subparsers: Any) -> Any:
     step.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.preset=nano")
     step.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/demo.yaml)")
     step.add_argument("--batch-size", type=_positive(int), help="default: the config's data.batch_size")
-    step.add_argument("--rounds", type=_positive(int), default=7, help="alternating rounds (default: 7)")
-    step.add_argument("--steps", type=_positive(int), default=10, help="steps per side per round (default: 10)")
+    step.add_argument("--rounds", type=_positive(int), default=10, help="alternating rounds (default: 10)")
+    step.add_argument("--steps", type=_positive(int), default=5, help="steps per side per round (default: 5)")
     step.add_argument("--warmup", type=_positive(int), default=3, help="untimed steps per side first (default: 3)")
     step.add_argument("--threads", type=_positive(int),
                       help="torch threads for both sides (default: train.threads, else torch's default)")

@@ -35,7 +35,8 @@ from pretrain.objectives import build_objective
 from tools.bench import BenchInputError, format_table, median
 from tools.bench_data import demo_shards
 
-PROFILE_TOP = 25  # functions kept per side in the profile
+PROFILE_TOP = 25  # functions kept per list in the profile
+ENGINE_PATHS = ("/deepspeed/", "/pretrain/engine/")  # where the trainer's own calls live
 
 
 class BareLoop:
@@ -72,6 +73,13 @@ class TrainerLoop:
         t.step += 1
 
 
+def differing_weights(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """Names of the state entries where ``a`` and ``b`` differ (missing on one side counts)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sorted(name for name in sa.keys() | sb.keys()
+                  if name not in sa or name not in sb or not torch.equal(sa[name].cpu(), sb[name].cpu()))
+
+
 def _repeat(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
     while True:
         yield dict(batch)  # a fresh dict: train_step pops "_stream" from what it gets
@@ -91,32 +99,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], steps: int, device: torch.device, threads: int) -> float:
-    """Seconds per step over ``steps`` consecutive steps."""
+def time_steps(step: Callable[[], None], steps: int, device: torch.device, threads: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step over ``steps`` consecutive steps.
+
+    CPU time counts every thread of this process and not the time it waits for a
+    core, so on a shared, loaded machine it shows the work done more steadily.
+    """
     torch.set_num_threads(threads)  # nothing may have changed it between the sides, but make sure
     _sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
-def profile_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[dict[str, Any]]:
-    """The ``PROFILE_TOP`` functions with the most cumulative time over ``steps`` steps, per step."""
+def profile_steps(step: Callable[[], None], steps: int, device: torch.device) -> dict[str, list[dict[str, Any]]]:
+    """Where ``steps`` steps spend their time, per step, from cProfile.
+
+    ``top``: the functions with the most cumulative time; ``engine``: the same for
+    the calls inside DeepSpeed and ``pretrain/engine``, i.e. what the trainer adds.
+    """
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
         step()
     _sync(device)
     profiler.disable()
-    stats = pstats.Stats(profiler)
     rows = []
-    for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (file, line, name), (_, calls, tottime, cumtime, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
         rows.append({"function": f"{name} ({Path(file).name}:{line})", "path": file, "calls_per_step": calls / steps,
                      "self_ms_per_step": 1e3 * tottime / steps, "cumulative_ms_per_step": 1e3 * cumtime / steps})
     rows.sort(key=lambda r: r["cumulative_ms_per_step"], reverse=True)
-    return rows[:PROFILE_TOP]
+    engine = [r for r in rows if any(part in r["path"] for part in ENGINE_PATHS)]
+    return {"top": rows[:PROFILE_TOP], "engine": engine[:PROFILE_TOP]}
 
 
 def step_config(config: str | Path, overrides: Sequence[str], batch_size: int | None, threads: int | None,
@@ -131,69 +147,92 @@ def step_config(config: str | Path, overrides: Sequence[str], batch_size: int | 
     return cfg
 
 
-def run_step_bench(*, config: str | Path, overrides: Sequence[str] = (), batch_size: int | None = None,
-                   rounds: int = 7, steps: int = 10, warmup: int = 3, threads: int | None = None,
-                   shards: str | None = None, profile_steps_per_side: int = 0, scratch: Path) -> dict[str, Any]:
-    """Time both sides alternately; returns the config, per-round numbers, summary (and profile)."""
-    cfg = step_config(config, overrides, batch_size, threads, scratch)
+def bench_shards(cfg: RunConfig, shards: str | None, scratch: Path) -> Path:
+    """The shard set the fixed batch comes from: ``shards``, else a few demo samples of the model's dimensionality."""
     if shards:
         if not Path(shards).exists():
             raise FileNotFoundError(f"--shards: {shards} does not exist")
-        source = Path(shards)
-    else:
-        split = {2: "pretrain_2d", 3: "pretrain_3d"}.get(cfg.model.spatial_dims)
-        if split is None:
-            raise BenchInputError(f"no demo shards for model.spatial_dims={cfg.model.spatial_dims}: pass --shards")
-        source = demo_shards(scratch / "data", split, max(cfg.data.batch_size, 16))
-    cfg.data.train = [SourceConfig(shards=str(source))]
+        return Path(shards)
+    split = {2: "pretrain_2d", 3: "pretrain_3d"}.get(cfg.model.spatial_dims)
+    if split is None:
+        raise BenchInputError(f"no demo shards for model.spatial_dims={cfg.model.spatial_dims}: pass --shards")
+    return demo_shards(scratch / "data", split, max(cfg.data.batch_size, 16))
 
+
+def alternate(sides: dict[str, Callable[[], None]], *, rounds: int, steps: int, warmup: int, device: torch.device,
+              threads: int) -> list[dict[str, Any]]:
+    """Warm both sides up, then time ``steps`` steps of each per round, swapping who goes first."""
+    for step in sides.values():
+        time_steps(step, warmup, device, threads)
+    per_round = []
+    for r in range(rounds):
+        order = ["bare", "trainer"] if r % 2 == 0 else ["trainer", "bare"]
+        timed = {name: time_steps(sides[name], steps, device, threads) for name in order}
+        (bare_wall, bare_cpu), (trainer_wall, trainer_cpu) = timed["bare"], timed["trainer"]
+        per_round.append({"order": order, "bare_s_per_step": bare_wall, "trainer_s_per_step": trainer_wall,
+                          "ratio": trainer_wall / bare_wall, "bare_cpu_s_per_step": bare_cpu,
+                          "trainer_cpu_s_per_step": trainer_cpu})
+    return per_round
+
+
+def summarize(per_round: list[dict[str, Any]], batch_size: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """(raw per-round lists, summary numbers) of the alternating rounds."""
+    keys = ("bare_s_per_step", "trainer_s_per_step", "bare_cpu_s_per_step", "trainer_cpu_s_per_step")
+    raw = {key: [r[key] for r in per_round] for key in keys}
+    bare, train = median(raw["bare_s_per_step"]), median(raw["trainer_s_per_step"])
+    bare_cpu, train_cpu = median(raw["bare_cpu_s_per_step"]), median(raw["trainer_cpu_s_per_step"])
+    ratios = [r["ratio"] for r in per_round]
+    return raw, {
+        "bare_step_s": bare, "trainer_step_s": train, "overhead_ratio": train / bare,
+        "overhead_pct": 100 * (train / bare - 1), "round_ratio_median": median(ratios),
+        "round_ratio_min": min(ratios), "round_ratio_max": max(ratios),
+        "bare_cpu_step_s": bare_cpu, "trainer_cpu_step_s": train_cpu, "overhead_ratio_cpu": train_cpu / bare_cpu,
+        "bare_samples_per_s": batch_size / bare, "trainer_samples_per_s": batch_size / train,
+    }
+
+
+def run_step_bench(*, config: str | Path, overrides: Sequence[str] = (), batch_size: int | None = None,
+                   rounds: int = 10, steps: int = 5, warmup: int = 3, threads: int | None = None,
+                   shards: str | None = None, profile_steps_per_side: int = 0, scratch: Path) -> dict[str, Any]:
+    """Time both sides alternately; returns the config, per-round numbers, summary (and profile)."""
+    cfg = step_config(config, overrides, batch_size, threads, scratch)
+    source = bench_shards(cfg, shards, scratch)
+    cfg.data.train = [SourceConfig(shards=str(source))]
     dist_info = setup_distributed()
     try:
         trainer = Trainer(cfg, dist_info)
         batch = fixed_batch(trainer)
-        sides = {"bare": BareLoop(cfg, dist_info.device, batch).step, "trainer": TrainerLoop(trainer, batch).step}
-        n_threads = cfg.train.threads
-        for step in sides.values():
-            time_steps(step, warmup, dist_info.device, n_threads)
-        per_round = []
-        for r in range(rounds):
-            order = ["bare", "trainer"] if r % 2 == 0 else ["trainer", "bare"]
-            timed = {name: time_steps(sides[name], steps, dist_info.device, n_threads) for name in order}
-            per_round.append({"order": order, "bare_s_per_step": timed["bare"], "trainer_s_per_step": timed["trainer"],
-                              "ratio": timed["trainer"] / timed["bare"]})
+        bare_loop = BareLoop(cfg, dist_info.device, batch)
+        differing = differing_weights(bare_loop.model, trainer.objective)
+        if differing:  # the comparison would be between two different models
+            raise RuntimeError(f"the bare loop and the trainer start from different weights: {differing[:5]}")
+        sides = {"bare": bare_loop.step, "trainer": TrainerLoop(trainer, batch).step}
+        per_round = alternate(sides, rounds=rounds, steps=steps, warmup=warmup, device=dist_info.device,
+                              threads=cfg.train.threads)
         profile = ({name: profile_steps(step, profile_steps_per_side, dist_info.device) for name, step in sides.items()}
                    if profile_steps_per_side > 0 else None)
         params = sum(p.numel() for p in trainer.objective.parameters())
     finally:
         teardown_distributed()
 
-    bare = [r["bare_s_per_step"] for r in per_round]
-    train = [r["trainer_s_per_step"] for r in per_round]
-    ratio = median(train) / median(bare)
+    raw, summary = summarize(per_round, cfg.data.batch_size)
     m = cfg.model
     result: dict[str, Any] = {
         "config": {
             "config_file": str(config), "overrides": list(overrides), "objective": cfg.objective.name,
             "model": {"preset": m.preset, "spatial_dims": m.spatial_dims, "img_size": m.img_size,
-                      "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth,
-                      "num_heads": m.num_heads},
+                      "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads},
             "parameters": params, "batch_size": cfg.data.batch_size,
             "batch": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in batch.items()
                       if isinstance(v, torch.Tensor)},
             "shards": str(source), "zero_stage": 0, "precision": "fp32", "grad_clip": cfg.optim.grad_clip,
-            "device": str(dist_info.device), "torch_threads": n_threads, "rounds": rounds,
-            "steps_per_round": steps, "warmup_steps": warmup,
+            "device": str(dist_info.device), "torch_threads": cfg.train.threads, "rounds": rounds,
+            "steps_per_round": steps, "warmup_steps": warmup, "same_initial_weights": True,
         },
         "rounds": per_round,
-        "raw": {"bare_s_per_step": bare, "trainer_s_per_step": train},
-        "summary": {
-            "bare_step_s": median(bare), "trainer_step_s": median(train), "overhead_ratio": ratio,
-            "overhead_pct": 100 * (ratio - 1), "round_ratio_median": median([r["ratio"] for r in per_round]),
-            "round_ratio_min": min(r["ratio"] for r in per_round), "round_ratio_max": max(r["ratio"] for r in per_round),
-            "bare_samples_per_s": cfg.data.batch_size / median(bare),
-            "trainer_samples_per_s": cfg.data.batch_size / median(train),
-        },
-        "overhead_ratio": ratio,  # the headline number, also at the top level
+        "raw": raw,
+        "summary": summary,
+        "overhead_ratio": summary["overhead_ratio"],  # the headline number, also at the top level
     }
     if profile is not None:
         result["profile"] = {"steps_per_side": profile_steps_per_side, **profile}
@@ -201,9 +240,17 @@ def run_step_bench(*, config: str | Path, overrides: Sequence[str] = (), batch_s
 
 
 def print_step_summary(result: dict[str, Any]) -> None:
-    rows = [[i, r["order"][0], 1e3 * r["bare_s_per_step"], 1e3 * r["trainer_s_per_step"], r["ratio"]]
-            for i, r in enumerate(result["rounds"])]
+    rows = [[i, r["order"][0], 1e3 * r["bare_s_per_step"], 1e3 * r["trainer_s_per_step"], r["ratio"],
+             1e3 * r["bare_cpu_s_per_step"], 1e3 * r["trainer_cpu_s_per_step"]] for i, r in enumerate(result["rounds"])]
     s = result["summary"]
-    rows.append(["median", "", 1e3 * s["bare_step_s"], 1e3 * s["trainer_step_s"], s["overhead_ratio"]])
-    print(format_table(["round", "first", "bare ms/step", "trainer ms/step", "trainer/bare"], rows))
-    print(f"overhead: {s['overhead_pct']:+.2f}%  (overhead_ratio {s['overhead_ratio']:.4f})")
+    rows.append(["median", "", 1e3 * s["bare_step_s"], 1e3 * s["trainer_step_s"], s["overhead_ratio"],
+                 1e3 * s["bare_cpu_step_s"], 1e3 * s["trainer_cpu_step_s"]])
+    print(format_table(["round", "first", "bare ms", "trainer ms", "trainer/bare", "bare cpu ms", "trainer cpu ms"], rows))
+    print(f"overhead: {s['overhead_pct']:+.2f}% wall (overhead_ratio {s['overhead_ratio']:.4f}), "
+          f"{100 * (s['overhead_ratio_cpu'] - 1):+.2f}% CPU time; per-round ratios "
+          f"{s['round_ratio_min']:.3f}-{s['round_ratio_max']:.3f}, median {s['round_ratio_median']:.3f}")
+    if "profile" in result:
+        rows = [[r["function"], r["calls_per_step"], r["cumulative_ms_per_step"], r["self_ms_per_step"]]
+                for r in result["profile"]["trainer"]["engine"][:12]]
+        print("\nwhere the trainer's own calls spend time (cProfile, per step):")
+        print(format_table(["function", "calls", "cum ms", "self ms"], rows))

@@ -118,12 +118,16 @@ def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> tuple[dict[str, A
     """Load the engine state of ``tag``; returns (client_state, this rank's state) and restores RNG."""
     ckpt_dir = Path(ckpt_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank_file = ckpt_dir / tag / f"rank{rank:05d}_state.pt"
-    if not rank_file.is_file():
-        saved = len(list((ckpt_dir / tag).glob("rank*_state.pt")))
+    saved = len(list((ckpt_dir / tag).glob("rank*_state.pt")))
+    # Checked on every rank from the files alone (no collective), so all ranks fail together
+    # instead of some loading and waiting forever for the others; a smaller world would also
+    # load silently and then read a different split of the data.
+    if saved != world_size or not rank_file.is_file():
         raise RuntimeError(
-            f"{ckpt_dir / tag} was saved by {saved} ranks and has no state for rank {rank}: "
-            "resume with the world size it was saved with"
+            f"{ckpt_dir / tag} was saved by {saved} ranks, this run has {world_size}: "
+            "resume with the world size it was saved with, or start a new train.run_dir"
         )
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
     if path is None:

@@ -56,10 +56,14 @@ def setup_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def teardown_distributed() -> None:
-    """Destroy the process group: without it ranks abort at interpreter exit."""
+def teardown_distributed(barrier: bool = True) -> None:
+    """Destroy the process group: without it ranks abort at interpreter exit.
+
+    ``barrier=False`` on an error path: the other ranks may never reach a barrier.
+    """
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -86,6 +86,7 @@ class Trainer:
         seed_all(cfg.train.seed + 1 + dist_info.rank)  # per-rank stream for dropout / drop-path
 
         self.step = 0
+        self._plain_grad_norm: float | None = None
         self.history: dict[str, Any] = {"wall_seconds": 0.0}
         tag = ckpt.latest_tag(self.ckpt_dir)
         if tag is not None:
@@ -162,12 +163,13 @@ class Trainer:
         try:
             while self.step < t.steps:
                 lr = self.set_schedules()
-                parts, stream_stats, batch, out = self.train_step(batches, timer)
+                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
+                parts, stream_stats, batch, out = self.train_step(batches, timer, measure_grad_norm=log_now)
                 self.objective.after_step(self.step)
                 self.step += 1
                 timer.steps += 1
                 last = self.step == t.steps
-                if self.step % t.log_every == 0 or last:
+                if log_now:
                     last_parts = self._reduce_parts(parts)
                     scalars = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in last_parts.items()}
                     scalars.update(self._step_scalars(lr, timer, flops_per_sample, tokens_per_sample, peak))
@@ -203,13 +205,14 @@ class Trainer:
             del batches
         return self._summary(final_acc, time.perf_counter() - started)
 
-    def train_step(self, batches, timer: StepTimer | None = None):
+    def train_step(self, batches, timer: StepTimer | None = None, measure_grad_norm: bool = False):
         """One optimizer step over ``grad_accum`` micro-batches from ``batches``.
 
         Returns (loss parts averaged over micro-batches, the stream's counters,
         the last batch, the last outputs). Schedules must already be set.
         """
         accum = self.cfg.train.grad_accum
+        self._plain_grad_norm = None
         parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         stream_stats = batch = out = None
         for _ in range(accum):
@@ -220,6 +223,8 @@ class Trainer:
             t1 = time.perf_counter()
             out = self.engine(batch)
             self.engine.backward(out["loss"])
+            if measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                self._plain_grad_norm = self._unpartitioned_grad_norm()
             self.engine.step()
             for key, value in out.items():
                 if not key.startswith("_"):
@@ -229,6 +234,13 @@ class Trainer:
                 timer.compute += time.perf_counter() - t1
                 timer.samples += self.cfg.data.batch_size
         return parts, stream_stats, batch, out
+
+    def _unpartitioned_grad_norm(self) -> float | None:
+        """Pre-clip global grad norm where DeepSpeed does not report one (ZeRO-0 in fp32)."""
+        if self.engine.zero_optimization_stage() > 0 or self.cfg.train.precision != "fp32":
+            return None
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
 
     def set_schedules(self) -> float:
         """Learning rate and the objective's schedules for the coming step; returns the lr."""
@@ -250,6 +262,8 @@ class Trainer:
     def _step_scalars(self, lr: float, timer: StepTimer, flops_per_sample: float, tokens: int, peak: float | None) -> dict[str, float]:
         scalars = {"optim/lr": lr, **timer.rates(tokens, self.dist.world_size), **memory_stats(self.dist.device)}
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._plain_grad_norm
         if grad_norm is not None:
             scalars["optim/grad_norm"] = float(grad_norm)
         if peak:
@@ -292,6 +306,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) one training run; returns the summary also written to ``summary.json``."""
     dist_info = setup_distributed()
     try:
-        return Trainer(cfg, dist_info).fit()
-    finally:
-        teardown_distributed()
+        summary = Trainer(cfg, dist_info).fit()
+    except BaseException:
+        # A failing rank must not wait in a barrier for ranks that are still training:
+        # that hangs the whole job and hides the error. Leave without one.
+        teardown_distributed(barrier=False)
+        raise
+    teardown_distributed()
+    return summary

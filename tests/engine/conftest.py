@@ -25,6 +25,7 @@ from pretrain.engine.distributed import free_port
 PRETRAIN = [sys.executable, "-m", "tools.cli"]
 DEMO_SPLITS = ["pretrain_2d", "knn_train_2d", "knn_val_2d"]
 RUN_TIMEOUT_S = 240.0
+FAILURE_GRACE_S = 10.0  # after one rank fails, how long the others may take to fail by themselves
 
 # Substrings that mean a rank died badly even when its exit code looks fine.
 FATAL_MARKERS = ("terminate called", "Segmentation fault", "core dumped")
@@ -112,26 +113,31 @@ class RankGroup:
                 stdin=subprocess.DEVNULL, start_new_session=True,
             ))
 
-    def wait(self, timeout: float = RUN_TIMEOUT_S, until: Callable[[], bool] | None = None) -> bool:
+    def wait(self, timeout: float = RUN_TIMEOUT_S, until: Callable[[], bool] | None = None,
+             grace: float = FAILURE_GRACE_S) -> bool:
         """Wait until every rank has exited, or ``until()`` holds (then True; the ranks keep running).
 
-        A rank that exits non-zero gets the others killed at once, so a failure never
-        turns into a hang in a collective; a run past ``timeout`` is killed and fails the test.
+        Once a rank exits non-zero the others get ``grace`` seconds to exit by themselves
+        and are then killed (exit code -9), so a failure never turns into a hang in a
+        collective; a run past ``timeout`` is killed and fails the test.
         """
         deadline = time.monotonic() + timeout
+        kill_at = None
         while True:
             codes = [p.poll() for p in self.procs]
             if until is not None and until():
                 return True
             if all(code is not None for code in codes):
                 return False
-            if any(code not in (None, 0) for code in codes):
+            if kill_at is None and any(code not in (None, 0) for code in codes):
+                kill_at = time.monotonic() + grace
+            if kill_at is not None and time.monotonic() > kill_at:
                 self.kill()
                 return False
             if time.monotonic() > deadline:
                 self.kill()
                 pytest.fail(f"ranks still running after {timeout:.0f} s; killed\n{self.results().describe()}")
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL every rank still running, with its children, and reap them."""

@@ -1,0 +1,54 @@
+"""The demo path end to end, shortened: demo shards -> pretrain train -> eval -> export -> summary.json."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tools.demo_data import make_demo_data
+from tools.phantoms import CLASSES, ct_volume, radiograph
+
+
+def test_phantoms_are_balanced_native_dtype_and_class_independent_in_intensity():
+    rng = np.random.default_rng(0)
+    xr = radiograph(2, 64, rng)
+    ct = ct_volume(1, 16, rng)
+    assert xr.shape == (1, 64, 64) and xr.dtype == np.uint16 and xr.max() <= 4095
+    assert ct.shape == (1, 16, 16, 16) and ct.dtype == np.int16 and ct.min() >= -1024
+    # Mean intensity carries (almost) no class information: per-class means overlap widely.
+    means = {c: [radiograph(c, 32, rng).mean() for _ in range(40)] for c in range(len(CLASSES))}
+    spread = max(np.mean(v) for v in means.values()) - min(np.mean(v) for v in means.values())
+    assert spread < 0.5 * min(np.std(v) for v in means.values())
+
+
+def test_demo_run_end_to_end(tmp_path):
+    data = tmp_path / "demo_data"
+    counts = make_demo_data(data, scale=0.02, splits=["pretrain_2d", "knn_train_2d", "knn_val_2d"], progress=False)
+    assert counts == {"pretrain_2d": 160, "knn_train_2d": 20, "knn_val_2d": 10}
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "tools.cli", "train", "configs/demo.yaml", f"train.run_dir={run}",
+        f"data.train={data / 'pretrain_2d'}", f"eval.knn_train={data / 'knn_train_2d'}", f"eval.knn_val={data / 'knn_val_2d'}",
+        "train.steps=4", "train.ckpt_every=2", "train.image_log_every=2", "data.batch_size=8", "data.num_workers=1",
+        "model.preset=nano", "train.progress=false", "eval.batch_size=16",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    assert 0.0 <= summary["knn_init"] <= 1.0 and 0.0 <= summary["knn_final"] <= 1.0
+    assert (run / "export" / "model.safetensors").is_file() and summary["export"] == str((run / "export").resolve())
+    assert "kNN top-1" in proc.stdout and str(run / "export") in proc.stdout
+    # TensorBoard event files hold the loss curve and the reconstruction images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("loss/total")][-1] == 4
+    assert {"optim/lr", "optim/grad_norm", "perf/samples_per_s", "perf/data_wait_s", "eval/knn_top1"} <= set(events.Tags()["scalars"])
+    assert "mae/original_masked_reconstruction" in events.Tags()["images"]
+    # The checkpoint keeps only the configured number of complete steps and a valid `latest`.
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000004"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"

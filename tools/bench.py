@@ -71,6 +71,14 @@ def device_info() -> dict[str, Any]:
     return info
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: other work on the machine skews every timing."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
@@ -91,13 +99,14 @@ def default_out(name: str) -> Path:
     return Path("benchmarks") / f"bench-{name}-{device_tag()}.json"
 
 
-def new_result(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The common head of a result: benchmark name, time, options, device, versions."""
+def new_result(name: str, options: dict[str, Any], load_before: list[float] | None) -> dict[str, Any]:
+    """The common head of a result: benchmark name, time, options, device (with the load before
+    and after the measurement), versions."""
     return {
         "benchmark": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "options": options,
-        "device": device_info(),
+        "device": {**device_info(), "load_average": {"before": load_before, "after": load_average()}},
         "versions": versions(),
     }
 
@@ -184,6 +193,7 @@ def _reported(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def _bench_data(args: argparse.Namespace) -> int:
     from tools.bench_data import print_data_summary, run_data_bench
 
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="medpretrain-bench-data-") as tmp:
         result = run_data_bench(
             config=args.config, overrides=args.overrides, shards_2d=args.shards_2d, shards_3d=args.shards_3d,
@@ -191,7 +201,7 @@ def _bench_data(args: argparse.Namespace) -> int:
             warmup_batches=args.warmup_batches, batch_size=args.batch_size, demo_samples=args.demo_samples,
             scratch=Path(tmp), progress=not args.quiet,
         )
-    result = {**new_result("data", _options(args)), **result}
+    result = {**new_result("data", _options(args), load_before), **result}
     out = write_result(result, args.out or default_out("data"))
     print_data_summary(result)
     print(f"result: {out}")
@@ -202,13 +212,14 @@ def _bench_data(args: argparse.Namespace) -> int:
 def _bench_step(args: argparse.Namespace) -> int:
     from tools.bench_step import print_step_summary, run_step_bench
 
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="medpretrain-bench-step-") as tmp:
         result = run_step_bench(
             config=args.config, overrides=args.overrides, batch_size=args.batch_size, rounds=args.rounds,
             steps=args.steps, warmup=args.warmup, threads=args.threads, shards=args.shards,
             profile_steps_per_side=args.profile, scratch=Path(tmp),
         )
-    result = {**new_result("step", _options(args)), **result}
+    result = {**new_result("step", _options(args), load_before), **result}
     out = write_result(result, args.out or default_out("step"))
     print_step_summary(result)
     print(f"result: {out}")

@@ -107,7 +107,9 @@ def save_checkpoint(
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
-    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+    # A .partial may hold COMPLETE (crash between the marker and the rename): it is no checkpoint
+    # and must not take the place of a real one among the ``keep`` newest.
+    complete = sorted(p for p in ckpt_dir.glob("step_*") if p.suffix != ".partial" and (p / COMPLETE).is_file())
     for old in complete[: max(0, len(complete) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_dir.glob("step_*.partial"):

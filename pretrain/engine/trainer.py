@@ -93,6 +93,13 @@ class Trainer:
             client, _ = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
             self.step = int(client["step"])
             self.history = client["history"]
+            # Another worker count, seed or batch size would silently resume on other samples.
+            try:
+                ShardStream.start_batch_from(client["data"], num_workers=cfg.data.num_workers,
+                                             world_size=dist_info.world_size, seed=cfg.train.seed,
+                                             batch_size=cfg.data.batch_size)
+            except ValueError as e:
+                raise ValueError(f"{self.ckpt_dir / tag}: {e}") from None
         self.resumed = tag is not None
         self.stream = self._build_stream()
 
@@ -115,6 +122,20 @@ class Trainer:
             start_batch=self.step * cfg.train.grad_accum,
             num_workers=cfg.data.num_workers,
         )
+
+    def _check_data_position(self, position: dict[str, Any], where: Path) -> None:
+        """Refuse a resume that could not replay the same data (other workers, world size, seed, batch)."""
+        d = self.cfg.data
+        try:
+            start = ShardStream.start_batch_from(
+                position, num_workers=d.num_workers, world_size=self.dist.world_size,
+                seed=self.cfg.train.seed, batch_size=d.batch_size,
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if start != self.step * self.cfg.train.grad_accum:
+            raise ValueError(f"{where}: data position {start} batches does not match step {self.step} "
+                             f"x grad_accum {self.cfg.train.grad_accum}; was train.grad_accum changed?")
 
     def _data_position(self) -> dict[str, Any]:
         return self.stream.position(self.step * self.cfg.train.grad_accum)

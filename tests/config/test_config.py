@@ -79,3 +79,13 @@ def test_bad_files_and_overrides_are_named(tmp_path):
         apply_override({}, "train.steps")
     with pytest.raises(ConfigError, match=r"'data\.train\.5'"):
         load_config("configs/demo.yaml", ["data.train.5.weight=2"])
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    paths = sorted(Path("configs").rglob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.model.img_size_tuple() and cfg.objective.name, path

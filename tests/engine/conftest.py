@@ -86,11 +86,14 @@ class RankResults:
 class RankGroup:
     """``world_size`` processes of ``pretrain <args>``, one per rank, each in its own process group.
 
+    ``args`` may be a function of the rank, to give one rank a different command line.
+
     Output goes to files (a full pipe would block a rank). Killing a rank kills its
     whole process group, DataLoader workers included, as a crashed node would lose them.
     """
 
-    def __init__(self, args: list[str], world_size: int, cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str] | Callable[[int], list[str]], world_size: int, cwd: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.world_size = world_size
         self.log_dir = Path(cwd) / f"rank_logs_{time.monotonic_ns()}"
         self.log_dir.mkdir(parents=True)
@@ -109,7 +112,7 @@ class RankGroup:
             log = open(self.log_dir / f"rank{rank}.log", "w")
             self.log_files.append(log)
             self.procs.append(subprocess.Popen(
-                PRETRAIN + list(args), cwd=cwd, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
+                PRETRAIN + list(args(rank) if callable(args) else args), cwd=cwd, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             ))
 
@@ -151,6 +154,7 @@ class RankGroup:
             proc.wait()
 
     def results(self) -> RankResults:
+        """Exit codes so far (-1 for a rank still running) and each rank's output."""
         for log in self.log_files:
             log.flush()
         outputs = [(self.log_dir / f"rank{r}.log").read_text(errors="replace") for r in range(self.world_size)]
@@ -162,7 +166,7 @@ class RankGroup:
             log.close()
 
 
-def run_ranks(args: list[str], world_size: int, cwd: Path, timeout: float = RUN_TIMEOUT_S,
+def run_ranks(args: list[str] | Callable[[int], list[str]], world_size: int, cwd: Path, timeout: float = RUN_TIMEOUT_S,
               env: dict[str, str] | None = None) -> RankResults:
     """Start ``world_size`` ranks of ``pretrain <args>``, wait for all (killing all if one fails), return results."""
     group = RankGroup(args, world_size, cwd, env)

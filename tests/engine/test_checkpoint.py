@@ -13,7 +13,7 @@ import pytest
 
 from pretrain.config import load_config
 from pretrain.engine import checkpoint as ckpt
-from tests.engine.conftest import read_losses, run_ranks, train_args
+from tests.engine.conftest import RankGroup, read_losses, run_ranks, train_args
 
 
 class CrashingEngine:
@@ -107,8 +107,6 @@ def one_rank_run(tmp_path_factory: pytest.TempPathFactory, tiny_yaml: Path) -> P
 
 
 def test_latest_is_always_complete_old_ones_pruned_and_config_stored(tiny_yaml: Path, tmp_path: Path):
-    from tests.engine.conftest import RankGroup
-
     run_dir, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
     overrides = ["train.steps=6", "train.ckpt_every=1", "train.keep_checkpoints=2"]
     seen: set[str] = set()
@@ -130,7 +128,7 @@ def test_latest_is_always_complete_old_ones_pruned_and_config_stored(tiny_yaml: 
     finally:
         group.close()
     assert not broken, f"'latest' named folders without {ckpt.COMPLETE}: {broken}"
-    assert seen, "the watcher never saw a checkpoint"
+    assert len(seen) >= 2, f"the watcher saw too few checkpoints to mean anything: {seen}"
 
     assert ckpt.latest_tag(ckpt_dir) == "step_00000006"
     assert _step_folders(ckpt_dir) == ["step_00000005", "step_00000006"]
@@ -186,3 +184,15 @@ def test_resume_with_another_world_size_fails_clearly_on_every_rank(saved_ranks:
     for out in results.outputs:
         assert f"was saved by {saved_ranks} ranks, this run has {resumed_ranks}" in out, out[-2000:]
     assert (ckpt.latest_tag(ckpt_dir), _step_folders(ckpt_dir)) == before, "a refused resume must not touch the checkpoints"
+
+
+def test_resume_with_another_data_layout_fails_clearly(one_rank_run: Path, tiny_yaml: Path, tmp_path: Path):
+    """More DataLoader workers split the shards differently: the resume could not be exact."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_rank_run, run_dir)
+    results = run_ranks(train_args(tiny_yaml, run_dir, "train.steps=8", "train.ckpt_every=2", "data.num_workers=2"),
+                        1, tmp_path, timeout=120)
+    assert results.returncodes == [1], results.describe()
+    assert "saved with num_workers=1, this run has num_workers=2" in results.outputs[0], results.outputs[0][-2000:]
+    assert "step_00000004" in results.outputs[0], "the error names the checkpoint"
+    assert ckpt.latest_tag(run_dir / "checkpoints") == "step_00000004"

@@ -63,7 +63,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"config key 'train.zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
-        for name in ("steps", "grad_accum", "log_every", "ckpt_every"):
+        for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key 'train.{name}' must be >= 1, got {getattr(self, name)}")
 

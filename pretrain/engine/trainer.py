@@ -94,12 +94,7 @@ class Trainer:
             self.step = int(client["step"])
             self.history = client["history"]
             # Another worker count, seed or batch size would silently resume on other samples.
-            try:
-                ShardStream.start_batch_from(client["data"], num_workers=cfg.data.num_workers,
-                                             world_size=dist_info.world_size, seed=cfg.train.seed,
-                                             batch_size=cfg.data.batch_size)
-            except ValueError as e:
-                raise ValueError(f"{self.ckpt_dir / tag}: {e}") from None
+            self._check_data_position(client["data"], self.ckpt_dir / tag)
         self.resumed = tag is not None
         self.stream = self._build_stream()
 

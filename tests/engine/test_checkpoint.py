@@ -1,4 +1,4 @@
-"""Checkpoints: atomic folders, the ``latest`` pointer, pruning, the stored config, world-size checks.
+"""Checkpoints: atomic folders, the ``latest`` pointer, pruning, the stored config; refused resumes and failing ranks.
 
 The save protocol is checked twice: directly, with a stand-in engine that can
 crash half-way through a write (fast, every crash point), and end to end with
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import load_config
+from pretrain.config import RunConfig, load_config
 from pretrain.engine import checkpoint as ckpt
 from tests.engine.conftest import RankGroup, read_losses, run_ranks, train_args
 
@@ -93,7 +93,7 @@ def test_latest_naming_an_incomplete_folder_is_a_clear_error(tmp_path: Path):
 
 # --- end to end -------------------------------------------------------------------------------
 
-def _expected_config(config: Path, run_dir: Path, overrides: list[str]):
+def _expected_config(config: Path, run_dir: Path, overrides: list[str]) -> RunConfig:
     return load_config(config, [f"train.run_dir={run_dir}", *overrides])
 
 
@@ -177,7 +177,7 @@ def test_resume_with_another_world_size_fails_clearly_on_every_rank(saved_ranks:
     ckpt_dir = run_dir / "checkpoints"
     before = (ckpt.latest_tag(ckpt_dir), _step_folders(ckpt_dir))
 
-    # A generous grace: every rank must find the mismatch itself and exit, none may wait to be killed.
+    # Every rank must find the mismatch itself and exit 1; one that waits in a collective is killed (-9).
     results = run_ranks(train_args(tiny_yaml, run_dir, "train.steps=8", "train.ckpt_every=2"), resumed_ranks,
                         tmp_path, timeout=120)
     assert results.returncodes == [1] * resumed_ranks, results.describe()
@@ -196,3 +196,15 @@ def test_resume_with_another_data_layout_fails_clearly(one_rank_run: Path, tiny_
     assert "saved with num_workers=1, this run has num_workers=2" in results.outputs[0], results.outputs[0][-2000:]
     assert "step_00000004" in results.outputs[0], "the error names the checkpoint"
     assert ckpt.latest_tag(run_dir / "checkpoints") == "step_00000004"
+
+
+def test_an_error_on_one_rank_ends_every_rank(tiny_yaml: Path, tmp_path: Path):
+    """Rank 1 fails at start-up while rank 0 trains on: both must exit by themselves, the error shown."""
+    missing = tmp_path / "no_such_shards"
+
+    def args(rank: int) -> list[str]:
+        return train_args(tiny_yaml, tmp_path / "run", *([f"data.train={missing}"] if rank == 1 else []))
+
+    results = run_ranks(args, 2, tmp_path, timeout=60)
+    assert results.returncodes == [1, 1], results.describe()
+    assert str(missing) in results.outputs[1] and "matches no shard" in results.outputs[1], results.outputs[1][-2000:]

@@ -258,7 +258,9 @@ def add_bench_parser(subparsers: Any) -> Any:
     step.add_argument("--steps", type=_positive(int), default=5, help="steps per side per round (default: 5)")
     step.add_argument("--warmup", type=_positive(int), default=3, help="untimed steps per side first (default: 3)")
     step.add_argument("--threads", type=_positive(int),
-                      help="torch threads for both sides (default: train.threads, else torch's default)")
+                      help="torch threads for both sides (default: train.threads, else torch's default); on a "
+                           "shared machine use the cores that are free: oversubscribed threads slow both sides "
+                           "many times over and drown the ratio in noise")
     step.add_argument("--shards", metavar="DIR", help="shards for the fixed batch (default: generated demo shards)")
     step.add_argument("--profile", type=int, default=0, metavar="N",
                       help="also cProfile N steps of each side and record where the time goes")

@@ -11,6 +11,7 @@ arrive within a fixed time budget, several times in a row.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +20,8 @@ import torch
 from pretrain.config import RunConfig, load_config
 from pretrain.config.schema import SourceConfig
 from pretrain.data.codec import decode_sample
-from pretrain.data.stream import ShardStream, StreamSource, expand_shards, make_loader, read_tar_samples
+from pretrain.data.stream import ShardStream, expand_shards, make_loader, read_tar_samples
+from pretrain.engine.trainer import build_train_stream
 from pretrain.objectives import build_objective
 from tools.bench import BenchInputError, format_table, median
 from tools.demo_data import SPLITS, make_demo_data
@@ -40,13 +42,7 @@ def demo_shards(scratch: Path, split: str, samples: int, progress: bool = False)
 
 def training_stream(cfg: RunConfig, objective: Any, num_workers: int) -> ShardStream:
     """The stream the trainer builds for rank 0 of 1 at step 0, with ``num_workers`` workers."""
-    sources = [StreamSource(expand_shards(s.shards), s.weight, s.name or f"source{i}")
-               for i, s in enumerate(cfg.data.train)]
-    return ShardStream(
-        sources, batch_size=cfg.data.batch_size, transform=objective.transform, collate=objective.collate,
-        seed=cfg.train.seed, rank=0, world_size=1, shuffle_buffer=cfg.data.shuffle_buffer,
-        resample=cfg.data.resample, start_batch=0, num_workers=num_workers,
-    )
+    return build_train_stream(replace(cfg, data=replace(cfg.data, num_workers=num_workers)), objective, 0, 1, 0)
 
 
 def first_sample(urls: list[str], objective: Any, where: str) -> dict[str, Any]:

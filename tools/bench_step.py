@@ -13,7 +13,9 @@ The sides run alternately in one process with the same torch thread count:
 after a warm-up, each round times ``steps`` steps of one side and then of the
 other, swapping the order every round, so drift in the machine's load hits
 both alike. ``overhead_ratio`` is the median trainer step time over the median
-bare step time.
+bare step time. Process CPU time is recorded beside wall time: on a shared,
+loaded machine it is the steadier of the two (it does not count the time the
+process waits for a core). ``--profile N`` adds a cProfile of N steps per side.
 """
 from __future__ import annotations
 
@@ -127,7 +129,8 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
     _sync(device)
     profiler.disable()
     rows = []
-    for (file, line, name), (_, calls, tottime, cumtime, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    for (file, line, name), (_, calls, tottime, cumtime, _) in stats.items():
         rows.append({"function": f"{name} ({Path(file).name}:{line})", "path": file, "calls_per_step": calls / steps,
                      "self_ms_per_step": 1e3 * tottime / steps, "cumulative_ms_per_step": 1e3 * cumtime / steps})
     rows.sort(key=lambda r: r["cumulative_ms_per_step"], reverse=True)
@@ -245,7 +248,8 @@ def print_step_summary(result: dict[str, Any]) -> None:
     s = result["summary"]
     rows.append(["median", "", 1e3 * s["bare_step_s"], 1e3 * s["trainer_step_s"], s["overhead_ratio"],
                  1e3 * s["bare_cpu_step_s"], 1e3 * s["trainer_cpu_step_s"]])
-    print(format_table(["round", "first", "bare ms", "trainer ms", "trainer/bare", "bare cpu ms", "trainer cpu ms"], rows))
+    headers = ["round", "first", "bare ms", "trainer ms", "trainer/bare", "bare cpu ms", "trainer cpu ms"]
+    print(format_table(headers, rows))
     print(f"overhead: {s['overhead_pct']:+.2f}% wall (overhead_ratio {s['overhead_ratio']:.4f}), "
           f"{100 * (s['overhead_ratio_cpu'] - 1):+.2f}% CPU time; per-round ratios "
           f"{s['round_ratio_min']:.3f}-{s['round_ratio_max']:.3f}, median {s['round_ratio_median']:.3f}")

@@ -40,6 +40,9 @@ __all__ = ["ShardStream", "StreamSource", "expand_shards", "make_loader", "read_
 logger = logging.getLogger(__name__)
 
 POSITION_FORMAT = 1
+# A run of this many rejected samples in a row means the data do not fit the transform
+# (e.g. 3D volumes fed to a 2D model): fail loudly instead of spinning forever.
+MAX_CONSECUTIVE_BAD = 1000
 
 
 @dataclass
@@ -49,6 +52,7 @@ class _SlotState:
     slot: int
     corrupt: dict[str, str] = field(default_factory=dict)  # shard -> first reason
     bad_samples: int = 0
+    last_error: str = ""
 
     def report_corrupt(self, url: str, reason: str) -> None:
         if url not in self.corrupt:
@@ -168,11 +172,17 @@ class ShardStream(IterableDataset):
         if to_skip:
             logger.info("slot %d: replaying %d delivered samples to resume", slot, to_skip)
         batch: list[dict] = []
+        bad_in_a_row = 0
         for raw in self._raw_samples(slot, slots, state):
             replaying = to_skip > 0
             sample = self._prepare(raw, state, transform=not replaying)
             if sample is None:
+                bad_in_a_row += 1
+                if bad_in_a_row >= MAX_CONSECUTIVE_BAD:
+                    raise RuntimeError(f"slot {slot}: {bad_in_a_row} samples in a row were rejected, the last "
+                                       f"({raw.get('__key__')!r} of {raw.get('__url__')}) because: {state.last_error}")
                 continue
+            bad_in_a_row = 0
             if replaying:
                 to_skip -= 1
                 continue
@@ -194,6 +204,7 @@ class ShardStream(IterableDataset):
             return self.transform(sample) if transform else sample
         except ValueError as e:  # SampleDecodeError is a ValueError; transforms reject with ValueError
             state.bad_samples += 1
+            state.last_error = str(e)
             logger.warning("skipping sample %r of shard %s: %s", raw.get("__key__"), raw.get("__url__"), e)
             return None
 

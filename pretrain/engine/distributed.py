@@ -62,9 +62,13 @@ def teardown_distributed(barrier: bool = True) -> None:
     ``barrier=False`` on an error path: the other ranks may never reach a barrier.
     """
     if dist.is_initialized():
+        import deepspeed.comm
+
         if barrier:
             dist.barrier()
-        dist.destroy_process_group()
+        # DeepSpeed's own teardown also drops its cached world group, so a second
+        # run in the same process (tests, notebooks, in-process sweeps) starts clean.
+        deepspeed.comm.destroy_process_group()
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:

@@ -53,6 +53,18 @@ def _eval_view(sample: dict, *, size, channels: int, intensity: str) -> torch.Te
     return eval_view(sample["image"], size, channels, intensity, key=sample["__key__"])
 
 
+def build_train_stream(cfg: RunConfig, objective, rank: int, world_size: int, start_batch: int) -> ShardStream:
+    """The training stream of one rank, positioned ``start_batch`` micro-batches in."""
+    if not cfg.data.train:
+        raise ValueError("config key 'data.train' is empty: give at least one shard set")
+    sources = [StreamSource(expand_shards(s.shards), s.weight, s.name or f"source{i}") for i, s in enumerate(cfg.data.train)]
+    return ShardStream(
+        sources, batch_size=cfg.data.batch_size, transform=objective.transform, collate=objective.collate,
+        seed=cfg.train.seed, rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
+        resample=cfg.data.resample, start_batch=start_batch, num_workers=cfg.data.num_workers,
+    )
+
+
 class Trainer:
     """One training run in one process (one rank)."""
 
@@ -83,6 +95,9 @@ class Trainer:
             model=objective, optimizer=optimizer, config=deepspeed_config(cfg)
         )
         self.objective = self.engine.module
+        if dist_info.world_size == 1 and cfg.train.zero_stage == 0:
+            # Averaging gradients over a single rank changes nothing; skip the flatten + all-reduce + copy.
+            self.engine.enable_backward_allreduce = False
         seed_all(cfg.train.seed + 1 + dist_info.rank)  # per-rank stream for dropout / drop-path
 
         self.step = 0
@@ -100,23 +115,8 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------
     def _build_stream(self) -> ShardStream:
-        cfg = self.cfg
-        if not cfg.data.train:
-            raise ValueError("config key 'data.train' is empty: give at least one shard set")
-        sources = [StreamSource(expand_shards(s.shards), s.weight, s.name or f"source{i}") for i, s in enumerate(cfg.data.train)]
-        return ShardStream(
-            sources,
-            batch_size=cfg.data.batch_size,
-            transform=self.objective.transform,
-            collate=self.objective.collate,
-            seed=cfg.train.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            resample=cfg.data.resample,
-            start_batch=self.step * cfg.train.grad_accum,
-            num_workers=cfg.data.num_workers,
-        )
+        return build_train_stream(self.cfg, self.objective, self.dist.rank, self.dist.world_size,
+                                  self.step * self.cfg.train.grad_accum)
 
     def _check_data_position(self, position: dict[str, Any], where: Path) -> None:
         """Refuse a resume that could not replay the same data (other workers, world size, seed, batch)."""

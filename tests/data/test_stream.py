@@ -255,3 +255,18 @@ def test_mixture_weights_are_respected(tmp_path):
     stream = make_stream(None, sources=[StreamSource(a, 4.0, "a"), StreamSource(b, 1.0, "b")], batch_size=50)
     counts = Counter(s for batch in take(stream, 40) for s in batch["source"])
     assert abs(counts["a"] / 2000 - 0.8) < 0.03, counts
+
+
+@pytest.mark.timeout(60)
+def test_data_that_never_fits_the_transform_raises_instead_of_spinning(tmp_path, monkeypatch):
+    import pretrain.data.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "MAX_CONSECUTIVE_BAD", 20)
+    urls = write_shards(tmp_path, n_shards=2, per_shard=15)
+
+    def reject(sample):
+        raise ValueError(f"sample {sample['__key__']!r} is 2D; the model expects a 3D volume")
+
+    stream = ShardStream([StreamSource(urls)], batch_size=4, transform=reject, collate=collate, seed=0)
+    with pytest.raises(RuntimeError, match="20 samples in a row were rejected.*expects a 3D volume"):
+        next(iter(stream))

@@ -46,19 +46,15 @@ def _eval_knn(args: argparse.Namespace) -> int:
     from pretrain.data.transforms import eval_view
     from pretrain.eval.knn import knn_accuracy
     from pretrain.models.vit import VisionTransformer
-    from tools.export import load_exported_encoder
+    from tools.export import load_encoder
 
     if args.random_init:
         cfg = load_config(args.random_init, args.overrides)
         torch.manual_seed(cfg.train.seed)
         encoder, intensity = VisionTransformer(cfg.model), cfg.data.intensity
     else:
-        source = Path(args.source)
-        if not (source / "config.json").is_file():
-            from tools.export import export_encoder
-
-            source = export_encoder(source, Path(args.source) / "export")
-        encoder, intensity = load_exported_encoder(source), args.intensity
+        encoder, intensity = load_encoder(args.source)
+        intensity = args.intensity or intensity
     m = encoder.cfg
     size = tuple(m.img_size) if isinstance(m.img_size, (list, tuple)) else (m.img_size,) * m.spatial_dims
 
@@ -107,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--pool", default="mean", choices=["cls", "mean", "cls+mean"])
-    k.add_argument("--intensity", default="zscore", choices=["zscore", "range", "none"])
+    k.add_argument("--intensity", choices=["zscore", "range", "none"], help="default: the one the encoder was trained with")
     k.add_argument("--batch-size", type=int, default=64)
     k.set_defaults(func=_eval_knn)
 

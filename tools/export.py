@@ -48,14 +48,30 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def export_encoder(source: str | Path, out: str | Path) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``README.md`` for the encoder; returns ``out``."""
-    ckpt = resolve_checkpoint(source)
+def trained_objective(ckpt: Path):
+    """(objective with the checkpoint's fp32 weights, its RunConfig)."""
     cfg = load_config(ckpt / "config.yaml")
     objective = build_objective(cfg)
     missing, unexpected = objective.load_state_dict(fp32_state_dict(ckpt), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{ckpt}: checkpoint does not match the objective: missing {missing}, unexpected {unexpected}")
+    return objective, cfg
+
+
+def load_encoder(source: str | Path) -> tuple[VisionTransformer, str]:
+    """(encoder, intensity normalisation) from an export folder, a run directory or a checkpoint."""
+    source = Path(source)
+    if (source / CONFIG).is_file():
+        meta = json.loads((source / CONFIG).read_text())
+        return load_exported_encoder(source), meta.get("preprocessing", {}).get("intensity", "zscore")
+    objective, cfg = trained_objective(resolve_checkpoint(source))
+    return objective.encoder(), cfg.data.intensity
+
+
+def export_encoder(source: str | Path, out: str | Path) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and ``README.md`` for the encoder; returns ``out``."""
+    ckpt = resolve_checkpoint(source)
+    objective, cfg = trained_objective(ckpt)
     encoder_state = {k: v.detach().float().contiguous() for k, v in objective.encoder().state_dict().items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +81,7 @@ def export_encoder(source: str | Path, out: str | Path) -> Path:
         "architecture": "medpretrain.VisionTransformer",
         "model": config_to_dict(cfg.model),
         "objective": cfg.objective.name,
+        "preprocessing": {"intensity": cfg.data.intensity, "layout": "channels-first, native dtype -> float32"},
         "step": step,
         "source_checkpoint": str(ckpt.resolve()),
         "num_parameters": sum(v.numel() for v in encoder_state.values()),

@@ -3,7 +3,7 @@
 Every image is a body (an ellipse / ellipsoid) with two lungs, a mediastinum,
 a smooth bias field, noise and a random gain and offset, stored as a 12-bit
 value in uint16 (2D, like a radiograph) or as int16 "Hounsfield units" (3D,
-like CT). The class is the *shape* of its two to three lesions:
+like CT). The class is the *shape* of its one or two large lesions:
 
     0 solid   round nodules              1 cavitary  rings with a dark centre
     2 spiculated  star-shaped masses     3 linear    elongated band-like opacities
@@ -100,9 +100,9 @@ def phantom(label: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.
         img[_ellipsoid(coords, centre, radii, rng.uniform(-0.3, 0.3)) & body] = rng.uniform(0.15, 0.3)
     mediastinum = _ellipsoid(coords, body_centre + rng.uniform(-0.1, 0.1, size=n), rng.uniform(0.15, 0.3, size=n), 0.0) & body
     img[mediastinum] += rng.uniform(0.05, 0.2)
-    for _ in range(rng.integers(2, 4)):  # lesions: the class lives in their shape
-        centre = body_centre + rng.uniform(-0.55, 0.55, size=n) * body_radii
-        mask = _lesion(label, coords, centre, rng.uniform(0.16, 0.24), rng) * body
+    for _ in range(rng.integers(1, 3)):  # lesions, several patches wide: the class lives in their shape
+        centre = body_centre + rng.uniform(-0.4, 0.4, size=n) * body_radii
+        mask = _lesion(label, coords, centre, rng.uniform(0.28, 0.4), rng) * body
         img += rng.uniform(0.2, 0.35) * mask
     img *= _smooth_field(coords, rng, strength=rng.uniform(0.05, 0.25))
     img += rng.normal(0.0, rng.uniform(0.01, 0.03), size=shape).astype(np.float32)

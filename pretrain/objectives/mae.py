@@ -36,7 +36,9 @@ class Config:
     norm_pix_loss: bool = True
     crop_scale: tuple[float, float] = (0.2, 1.0)
     flip_axes: list[int] = field(default_factory=lambda: [-1])  # spatial axes flipped at random; [] for none
-    eval_pool: str = "mean"  # MAE's class token is untrained by the loss: mean-pool for kNN
+    # The class token reaches the decoder, which reads it as a global summary when
+    # most patches are hidden: it is MAE's best single feature for kNN and probes.
+    eval_pool: str = "cls"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

@@ -80,7 +80,8 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        # On resume, drop events logged after the checkpoint by the interrupted run.
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step or None)
         if progress:
             from tqdm import tqdm
 

@@ -155,7 +155,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         started = time.perf_counter()
         monitor = Monitor(self.run_dir / "tb", self.dist.is_main, t.steps, self.step, t.progress)
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.dist.is_main else None
+        metrics_file = open_metrics(self.run_dir / "metrics.jsonl", self.step) if self.dist.is_main else None
         peak = peak_flops(self.dist.device)
         flops_per_sample = self.objective.flops_per_sample()
         tokens_per_sample = self.objective.tokens_per_sample()
@@ -312,6 +312,22 @@ class Trainer:
         if self.dist.is_main:
             write_summary(self.run_dir, summary)
         return summary
+
+
+def open_metrics(path: Path, resume_step: int):
+    """``metrics.jsonl`` for appending, without the lines the interrupted run logged after ``resume_step``."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resume_step]
+        ckpt._atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics line; a line cut short by a kill counts as after any resume point."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

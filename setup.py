@@ -27,9 +27,13 @@ setup(
         "tqdm>=4.66,<5",
         "pillow>=10,<14",
         "tifffile>=2024.1.1",
+        "pydicom>=3.0,<4",
+        "nibabel>=5.0,<6",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
+        # JPEG / JPEG 2000 compressed DICOM pixel data
+        "dicom-codecs": ["pylibjpeg>=2", "pylibjpeg-libjpeg>=2", "pylibjpeg-openjpeg>=2"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["pretrain=tools.cli:main"]},

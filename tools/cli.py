@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tools.shards import add_shards_parser
 
     shards = add_shards_parser(sub)
+    from tools.medical_shards import add_medical_parser
+
+    add_medical_parser(shards)
     d = shards.add_parser("demo", help="generate the embedded synthetic demo data set as shards")
     d.add_argument("out")
     d.add_argument("--scale", type=float, default=1.0, help="multiply every split's sample count")

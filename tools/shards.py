@@ -340,18 +340,22 @@ def add_shards_parser(subparsers: Any) -> Any:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    actions = parser.add_subparsers(dest="shards_action", required=True, metavar="{write,verify,demo}")
+    actions = parser.add_subparsers(dest="shards_action", required=True, metavar="{write,verify,demo,medical}")
     write = actions.add_parser("write", help="convert a folder of images into shards + manifest.json")
     write.add_argument("src", metavar="SRC", help="folder of .png/.jpg/.tif/.npy files (searched recursively)")
     write.add_argument("out", metavar="OUT", help="folder to write the shards and manifest.json into")
     write.add_argument("--labels", metavar="CSV", help="CSV with columns path,label[,spacing]")
-    write.add_argument("--samples-per-shard", type=_positive(int), default=1000, metavar="N", help="default: 1000")
+    write.add_argument("--samples-per-shard", type=positive_number(int), default=1000, metavar="N", help="default: 1000")
     write.add_argument(
-        "--shard-mb", type=_positive(float), default=256.0, metavar="MB", help="shard size limit in MiB (default: 256)"
+        "--shard-mb", type=positive_number(float), default=256.0, metavar="MB", help="shard size limit in MiB (default: 256)"
     )
     write.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
     write.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     write.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from tools.medical_shards import add_medical_options  # lazy: medical_shards builds on this module
+
+    medical = write.add_argument_group("DICOM / NIfTI folders (recognised by content; converted per patient split)")
+    add_medical_options(medical, labels_flag=True)
     verify = actions.add_parser("verify", help="check every shard's size and sha256 against manifest.json")
     verify.add_argument("out", metavar="OUT", help="shard folder holding manifest.json")
     write.set_defaults(func=shards_main)
@@ -369,6 +373,10 @@ def shards_main(args: argparse.Namespace) -> int:
             else:
                 print(f"all shards intact in {args.out}")
             return 1 if bad else 0
+        from tools.medical_shards import holds_medical_files, medical_main
+
+        if Path(args.src).is_dir() and holds_medical_files(args.src):
+            return medical_main(args)  # DICOM series / NIfTI volumes: the medical converter, no flag needed
         manifest = write_shards(
             args.src,
             args.out,
@@ -388,7 +396,7 @@ def shards_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(kind: type) -> Any:
+def positive_number(kind: type) -> Any:
     def parse(text: str) -> Any:
         value = kind(text)
         if value <= 0:

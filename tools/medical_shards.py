@@ -1,0 +1,417 @@
+"""DICOM series, NIfTI volumes and image files to per-split webdataset shards.
+
+    pretrain shards medical SRC OUT [--reports CSV|JSONL] [--splits 0.8,0.1,0.1]
+                                    [--spacing D H W] [--preset ct_lung|ct_soft_tissue|ct_bone|mri]
+                                    [--workers N] [--samples-per-shard N] [--shard-mb MB]
+                                    [--salt-file PATH] [--overwrite] [--no-progress]
+
+Files are recognised by content (DICOM preamble or a forced DICOM parse) or by
+name (``.nii``/``.nii.gz``, and the PNG/JPEG/TIFF/NPY the plain writer reads).
+DICOM files group into series; each series, multi-frame file, NIfTI or image
+file is one sample keyed by ``hmac-sha256(salt, uid or path)``. Patients
+(DICOM PatientID; else the report's ``patient``; else the file's top folder)
+go whole into ``OUT/train``, ``OUT/val`` or ``OUT/test``, each with its own
+manifest.json. No UID, name or path of a sample reaches the shards.
+
+Restartable: ``OUT/journal.jsonl`` records each completed shard with the
+samples it holds (appended after the shard's atomic rename). A rerun with the
+same settings drops any shard the journal does not list and converts only the
+samples no journaled shard holds, so a killed run resumes with no duplicate
+and no partial shard. Bad inputs are logged with their folder or path,
+recorded under ``failed`` in the manifest and ``OUT/skipped.json``, and skipped.
+Those two lists (and the log) name inputs by their path relative to SRC, which
+may hold identifying folder names: they never enter the shards, but review
+them before publishing an output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Sequence
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from pretrain.data.codec import encode_sample
+from pretrain.data.dicom import SeriesError, group_series, has_dicom_preamble, load_dicom_series, read_dicom_header
+from pretrain.data.manifest import ManifestBuilder, file_sha256, write_manifest
+from pretrain.data.nifti import NiftiError, is_nifti_path, load_nifti
+from pretrain.data.privacy import hashed_key, load_salt, safe_metadata, salt_fingerprint
+from pretrain.data.readers import SUPPORTED_SUFFIXES, ReadError, read_image_file
+from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
+from tools.medical_inputs import PRESETS, ReportsTable, apply_preset, read_reports, resample
+from tools.shards import ShardSink, positive_number, list_source_files
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.jsonl"
+SKIPPED_NAME = "skipped.json"
+_PREFIX = "shard"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One sample to convert. Holds source paths in memory only; ``where`` is for messages."""
+
+    key: str
+    split: str
+    kind: str  # "dicom", "nifti" or "image"
+    paths: tuple[str, ...]
+    root: str  # SRC, stripped from failure reasons so manifests hold relative paths only
+    where: str
+    text: str | None
+    label: int | None
+    label_name: str | None
+
+
+def plan_items(
+    src: Path, files: Sequence[str], salt: bytes, ratios: dict[str, float], reports: ReportsTable | None, pool: Any
+) -> tuple[list[WorkItem], list[dict[str, str]]]:
+    """Sort ``files`` into work items (sorted by key) and unrecognised files ``[{path, reason}]``."""
+    items, skipped, maybe_dicom = [], [], []
+    for rel in files:
+        if is_nifti_path(rel):
+            items.append(_file_item(src, rel, "nifti", salt, ratios, reports))
+        elif PurePosixPath(rel).suffix.lower() in SUPPORTED_SUFFIXES:
+            items.append(_file_item(src, rel, "image", salt, ratios, reports))
+        else:
+            maybe_dicom.append(rel)
+    paths = [str(src / r) for r in maybe_dicom]
+    scanned = pool.map(read_dicom_header, paths, chunksize=32) if pool else map(read_dicom_header, paths)
+    headers = []
+    for rel, header in zip(maybe_dicom, scanned):
+        if header is None:
+            skipped.append({"path": rel, "reason": "not DICOM, NIfTI or a supported image file"})
+        else:
+            headers.append(dataclasses.replace(header, path=rel))  # keys must not depend on where SRC lives
+    for group, members in group_series(headers).items():
+        first = members[0]
+        rels = sorted(h.path for h in members)
+        folders = sorted({str(PurePosixPath(r).parent) for r in rels})
+        row = reports.find(first.series_uid, first.study_uid, rels + folders) if reports else None
+        patient = first.patient_id or (row.patient if row else None) or first.study_uid or folders[0]
+        key = hashed_key(salt, "dicom:" + group)
+        where = f"DICOM series {key} in folder {', '.join(folders)}"
+        items.append(_item(key, hashed_key(salt, "patient:" + patient), ratios, "dicom",
+                           tuple(str(src / r) for r in rels), src, where, row))
+    items.sort(key=lambda item: item.key)
+    return items, skipped
+
+
+def _file_item(
+    src: Path, rel: str, kind: str, salt: bytes, ratios: dict[str, float], reports: ReportsTable | None
+) -> WorkItem:
+    row = reports.find(paths=[rel]) if reports else None
+    parts = PurePosixPath(rel).parts
+    patient = (row.patient if row else None) or (parts[0] if len(parts) > 1 else rel)
+    return _item(hashed_key(salt, "path:" + rel), hashed_key(salt, "patient:" + patient), ratios, kind,
+                 (str(src / rel),), src, rel, row)
+
+
+def _item(key: str, patient_key: str, ratios: dict[str, float], kind: str, paths: tuple[str, ...], root: Path,
+          where: str, row: Any) -> WorkItem:
+    return WorkItem(key, assign_split(patient_key, ratios), kind, paths, str(root), where,
+                    row.text if row else None, row.label if row else None, row.label_name if row else None)
+
+
+def convert_item(item: WorkItem, target_spacing: Sequence[float] | None, preset: str | None) -> dict[str, Any]:
+    """Read, resample and map one item; ``{"ok": members, shape, dtype}`` or ``{"failed": reason}``."""
+    try:
+        if item.kind == "dicom":
+            image, meta = load_dicom_series(item.paths)
+        elif item.kind == "nifti":
+            image, meta = load_nifti(item.paths[0])
+        else:
+            image, meta = read_image_file(item.paths[0])
+            meta = dict(meta, kind="image", modality=None, body_part=None, orientation=None, rescale_applied=False)
+        image, meta = resample(image, meta, target_spacing)
+        image, meta = apply_preset(image, meta, preset)
+    except (SeriesError, NiftiError, ReadError, ValueError) as e:
+        reason = getattr(e, "reason", None) or str(e)
+    except Exception as e:  # noqa: BLE001 - one odd file (decoder bug, broken tag) must not stop a million-file run
+        reason = f"unexpected {type(e).__name__}: {e}"
+    else:
+        meta = safe_metadata(dict(meta, label=item.label, label_name=item.label_name, split=item.split))
+        members = encode_sample(item.key, image, meta, item.text)
+        return {"ok": members, "shape": list(image.shape), "dtype": str(image.dtype)}
+    return {"failed": reason.replace(item.root.rstrip("/") + "/", "")}
+
+
+class _Journal:
+    """Append-only record of completed shards and failed items; the source of truth for resuming."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], overwrite: bool):
+        self.path = path
+        self.entries: list[dict[str, Any]] = []
+        if path.exists() and not overwrite:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for line in lines:
+                try:
+                    self.entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill is the last one; what follows it never happened
+            if not self.entries or self.entries[0].get("settings") != settings:
+                raise ValueError(
+                    f"{path}: this output was started with other settings "
+                    f"({self.entries[0].get('settings') if self.entries else 'unreadable'}, now {settings}); "
+                    "rerun with the same ones, or pass overwrite=True (--overwrite) to start over"
+                )
+            path.write_text("".join(json.dumps(e) + "\n" for e in self.entries), encoding="utf-8")
+        else:
+            self.entries = [{"settings": settings}]
+            path.write_text(json.dumps(self.entries[0]) + "\n", encoding="utf-8")
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.append(entry)
+
+    def shards(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if "shard" in e]
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if "failed" in e]
+
+
+class _SplitWriter:
+    """One split's shard sink plus the samples of the shard being filled, journaled when it completes."""
+
+    def __init__(self, out: Path, journal: _Journal, builder: ManifestBuilder, max_samples: int, max_bytes: int):
+        self.split = out.name
+        self.journal, self.builder = journal, builder
+        self.sink = ShardSink(out, _PREFIX, max_samples, max_bytes, builder)
+        self.sink.index = len(builder.shards)
+        self.pending: list[tuple[str, list[int], str]] = []
+
+    def write(self, key: str, result: dict[str, Any]) -> None:
+        before = self.sink.index
+        self.sink.write(result["ok"])
+        if self.sink.index != before:
+            self._record()
+        self.pending.append((key, result["shape"], result["dtype"]))
+
+    def finish(self) -> None:
+        before = self.sink.index
+        self.sink.finish()
+        if self.sink.index != before:
+            self._record()
+
+    def _record(self) -> None:
+        shard = self.builder.shards[-1]
+        for _, shape, dtype in self.pending:
+            self.builder.add_sample(shape, dtype)
+        self.journal.append({"shard": shard, "split": self.split, "samples": [list(p) for p in self.pending]})
+        self.pending = []
+
+
+def _prepare_split_dir(split_dir: Path, keep: set[str]) -> None:
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for path in list(split_dir.glob(f"{_PREFIX}-*.tar")) + list(split_dir.glob("*.tmp")):
+        if path.name not in keep:  # written but never journaled (killed between rename and journal)
+            path.unlink()
+
+
+def _results(
+    items: list[WorkItem], pool: ProcessPoolExecutor | None, args: tuple
+) -> Iterator[tuple[WorkItem, dict[str, Any]]]:
+    """Conversion results in item order; a bounded window of futures keeps memory flat."""
+    if pool is None:
+        for item in items:
+            yield item, convert_item(item, *args)
+        return
+    window: collections.deque[tuple[WorkItem, Future]] = collections.deque()
+    depth = 4 * (pool._max_workers or 1)
+    for item in items:
+        window.append((item, pool.submit(convert_item, item, *args)))
+        if len(window) >= depth:
+            done, future = window.popleft()
+            yield done, future.result()
+    while window:
+        done, future = window.popleft()
+        yield done, future.result()
+
+
+def write_medical_shards(
+    src: str | Path,
+    out: str | Path,
+    *,
+    reports: str | Path | None = None,
+    split_ratios: dict[str, float] | str | None = None,
+    target_spacing: Sequence[float] | None = None,
+    preset: str | None = None,
+    workers: int | None = None,
+    max_samples_per_shard: int = 256,
+    max_shard_bytes: int = 1024 * 2**20,
+    salt: str | bytes | Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Convert everything under ``src`` into ``out/{train,val,test}`` shards; return ``{split: manifest}``.
+
+    ``workers``: processes for conversion (``None``: all CPUs; ``0``: in this
+    process). ``salt``: see ``pretrain.data.privacy.load_salt``. Resumes an
+    interrupted run in ``out`` (same settings and salt required) unless
+    ``overwrite``, which starts over. Splits with a zero ratio get no folder.
+    """
+    src_path, out_path = Path(src), Path(out)
+    if not src_path.is_dir():
+        raise FileNotFoundError(f"{src}: source folder does not exist")
+    if out_path.exists() and out_path.resolve() == src_path.resolve():
+        raise ValueError(f"{out}: output folder must differ from the source folder")
+    if max_samples_per_shard < 1 or max_shard_bytes < 1:
+        raise ValueError("max_samples_per_shard and max_shard_bytes must be positive")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown intensity preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if target_spacing is not None and (len(target_spacing) != 3 or not all(float(t) > 0 for t in target_spacing)):
+        raise ValueError(f"target spacing {target_spacing!r} must be three positive numbers [d, h, w] in mm")
+    salt_bytes = load_salt(salt)
+    ratios = parse_split_ratios(split_ratios)
+    table = read_reports(reports) if reports is not None else None
+    reports_path = (Path(reports),) if reports is not None else ()
+    files = list_source_files(src_path, exclude=(out_path,) + reports_path)
+    if not files:
+        raise ValueError(f"{src}: no candidate files found")
+    settings = {
+        "salt": salt_fingerprint(salt_bytes),
+        "ratios": ratios,
+        "target_spacing": None if target_spacing is None else [float(t) for t in target_spacing],
+        "preset": preset,
+        "reports_sha256": file_sha256(reports) if reports is not None else None,
+        "max_samples_per_shard": max_samples_per_shard,
+        "max_shard_bytes": max_shard_bytes,
+    }
+    out_path.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in SPLIT_NAMES:
+            shutil.rmtree(out_path / name, ignore_errors=True)
+    journal = _Journal(out_path / JOURNAL_NAME, settings, overwrite)
+
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    try:
+        items, skipped = plan_items(src_path, files, salt_bytes, ratios, table, pool)
+        return _write_items(src_path, out_path, items, skipped, journal, table, ratios, pool,
+                            (settings["target_spacing"], preset), max_samples_per_shard, max_shard_bytes, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict[str, str]], journal: _Journal,
+                 table: ReportsTable | None, ratios: dict[str, float], pool: Any, args: tuple,
+                 max_samples: int, max_bytes: int, progress: bool) -> dict[str, dict[str, Any]]:
+    classes = table.classes if table else None
+    builders = {s: ManifestBuilder(source=str(src), classes=classes) for s in SPLIT_NAMES if ratios[s] > 0}
+    done: set[str] = set()
+    for entry in journal.shards():
+        shard = entry["shard"]
+        builders[entry["split"]].add_shard(shard["name"], shard["samples"], shard["bytes"], shard["sha256"])
+        for key, shape, dtype in entry["samples"]:
+            builders[entry["split"]].add_sample(shape, dtype)
+            done.add(key)
+    for entry in journal.failures():
+        builders[entry["split"]].add_failure(entry["where"], entry["failed"])
+        done.add(entry["key"])
+    writers = {}
+    for split, builder in builders.items():
+        _prepare_split_dir(out / split, {shard["name"] for shard in builder.shards})
+        writers[split] = _SplitWriter(out / split, journal, builder, max_samples, max_bytes)
+    for entry in skipped:
+        logger.warning("skipping %s: %s", src / entry["path"], entry["reason"])
+
+    todo = [item for item in items if item.key not in done]
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="medical shards", unit="sample",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    try:
+        with logging_redirect_tqdm():
+            for item, result in _results(todo, pool, args):
+                if "failed" in result:
+                    logger.warning("skipping %s: %s", item.where, result["failed"])
+                    builders[item.split].add_failure(item.where, result["failed"])
+                    entry = {"failed": result["failed"], "key": item.key, "where": item.where, "split": item.split}
+                    journal.append(entry)
+                else:
+                    writers[item.split].write(item.key, result)
+                bar.update(1)
+        for writer in writers.values():
+            writer.finish()
+    except BaseException:
+        for writer in writers.values():
+            writer.sink.abort()
+        raise
+    finally:
+        bar.close()
+    manifests = {}
+    for split, builder in builders.items():
+        manifests[split] = builder.to_dict()
+        write_manifest(out / split, manifests[split])
+    (out / SKIPPED_NAME).write_text(json.dumps(skipped, indent=2) + "\n", encoding="utf-8")
+    return manifests
+
+
+def add_medical_options(p: argparse.ArgumentParser, *, labels_flag: bool = False) -> None:
+    """The options of a medical conversion, shared by ``shards medical`` and ``shards write``."""
+    if not labels_flag:  # `shards write` already has --labels, which it passes on as the reports table
+        p.add_argument("--reports", metavar="FILE", help="CSV or JSONL: series_uid|study_uid|path, report, label, patient")
+    p.add_argument("--splits", default=None, metavar="TR,VA,TE", help="patient-level split ratios (default: all train)")
+    p.add_argument(
+        "--spacing", type=positive_number(float), nargs=3, metavar=("D", "H", "W"), help="resample to this spacing (mm)"
+    )
+    p.add_argument("--preset", choices=PRESETS, help="intensity preset recorded in sample metadata")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="conversion processes (default: all CPUs)")
+    p.add_argument("--salt-file", metavar="PATH", help="file holding the secret salt (else $MEDPRETRAIN_SALT)")
+
+
+def add_medical_parser(shards_actions: Any) -> argparse.ArgumentParser:
+    """Register ``pretrain shards medical`` on the sub-command group ``add_shards_parser`` returns."""
+    p = shards_actions.add_parser("medical", help="convert DICOM/NIfTI/images into per-split shards",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="folder searched recursively for DICOM, NIfTI and image files")
+    p.add_argument("out", metavar="OUT", help="folder for train/, val/, test/ shards and the journal")
+    add_medical_options(p)
+    p.add_argument("--samples-per-shard", type=positive_number(int), default=256, metavar="N", help="default: 256")
+    p.add_argument("--shard-mb", type=positive_number(float), default=1024.0, metavar="MB", help="default: 1024")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=medical_main)
+    return p
+
+
+def holds_medical_files(src: str | Path) -> bool:
+    """Whether ``src`` holds any NIfTI or DICOM file (DICOM recognised by content, with or without .dcm)."""
+    for rel in list_source_files(Path(src)):
+        path = Path(src) / rel
+        if is_nifti_path(path) or has_dicom_preamble(path) or (not path.suffix and read_dicom_header(path)):
+            return True
+    return False
+
+
+def medical_main(args: argparse.Namespace) -> int:
+    """Run a parsed ``pretrain shards medical`` command; returns the exit code."""
+    try:
+        manifests = write_medical_shards(
+            args.src, args.out, reports=getattr(args, "reports", None) or getattr(args, "labels", None),
+            split_ratios=args.splits, target_spacing=args.spacing,
+            preset=args.preset, workers=args.workers, max_samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=max(1, int(args.shard_mb * 2**20)),
+            salt=Path(args.salt_file) if args.salt_file else None, progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"pretrain shards medical: error: {e}") from e
+    for split, m in manifests.items():
+        folder = Path(args.out) / split
+        print(f"{split}: {m['num_samples']} samples, {m['num_failed']} failed, {len(m['shards'])} shards -> {folder}")
+    return 0

@@ -6,8 +6,9 @@
     kernels.configure(attention="flash_attn")                    # process default
     kernels.describe()                                           # what runs, and why not the others
 
-This package imports only torch (and, later, triton); optional libraries
-(flash-attn, xformers) are imported lazily by their backends.
+This package imports only torch and, when installed, triton (the "triton"
+backend; on CPU it runs only under TRITON_INTERPRET=1 and only when selected
+explicitly); optional libraries (flash-attn, xformers) are probed once by their backends.
 """
 
 from kernels.dispatch import (
@@ -21,6 +22,7 @@ from kernels.dispatch import (
     register_backend,
     resolve,
 )
+from kernels import triton_backends  # noqa: F401 - registers the "triton" backends
 
 __all__ = [
     "Backend",

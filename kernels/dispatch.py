@@ -33,7 +33,7 @@ class Backend:
     op: str
     name: str
     fn: Callable[..., torch.Tensor]
-    priority: int  # "auto" prefers the highest
+    priority: int | Callable[[torch.device], int]  # "auto" prefers the highest; may depend on the device
     environment: Callable[[torch.device], str | None]  # None = can run on this device
     supports: Callable[..., str | None] | None = None  # None = handles these exact call arguments
 
@@ -48,11 +48,15 @@ def register_backend(
     name: str,
     fn: Callable[..., torch.Tensor],
     *,
-    priority: int,
+    priority: int | Callable[[torch.device], int],
     environment: Callable[[torch.device], str | None],
     supports: Callable[..., str | None] | None = None,
 ) -> None:
-    """Add (or replace) backend ``name`` of ``op``; ``fn`` takes the op's validated arguments."""
+    """Add (or replace) backend ``name`` of ``op``; ``fn`` takes the op's validated arguments.
+
+    ``priority`` is an int, or a function of the device for a backend that should
+    win "auto" on one device type only (Triton: above torch on CUDA, below it on CPU).
+    """
     if op not in _REGISTRY:
         raise ValueError(f"kernels: unknown op {op!r}; known ops: {', '.join(OPS)}")
     if name == AUTO:
@@ -60,11 +64,17 @@ def register_backend(
     _REGISTRY[op][name] = Backend(op, name, fn, priority, environment, supports)
 
 
-def backend_names(op: str) -> list[str]:
-    """All registered backends of ``op`` (available or not), best first."""
+def _priority(backend: Backend, device: torch.device) -> int:
+    return backend.priority(device) if callable(backend.priority) else backend.priority
+
+
+def backend_names(op: str, device: torch.device | str | None = None) -> list[str]:
+    """All registered backends of ``op`` (available or not), best first on ``device``
+    (default: CUDA when present, else CPU)."""
     if op not in _REGISTRY:
         raise ValueError(f"kernels: unknown op {op!r}; known ops: {', '.join(OPS)}")
-    return [b.name for b in sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)]
+    device = _default_device() if device is None else torch.device(device)
+    return [b.name for b in sorted(_REGISTRY[op].values(), key=lambda b: -_priority(b, device))]
 
 
 def _check_name(op: str, name: str) -> None:
@@ -102,7 +112,7 @@ def resolve(op: str, device: torch.device, requested: str = AUTO, args: tuple = 
         if reason is not None:
             raise RuntimeError(f"kernels: {op} backend {name!r} was selected but cannot run: {reason}")
         return backend
-    for backend_name in backend_names(op):
+    for backend_name in backend_names(op, device):
         backend = _REGISTRY[op][backend_name]
         if _unusable_reason(backend, device, args) is None:
             return backend
@@ -111,7 +121,7 @@ def resolve(op: str, device: torch.device, requested: str = AUTO, args: tuple = 
 
 def _reasons(op: str, device: torch.device) -> dict[str, str]:
     return {
-        name: _REGISTRY[op][name].environment(device) or "available" for name in backend_names(op)
+        name: _REGISTRY[op][name].environment(device) or "available" for name in backend_names(op, device)
     }
 
 
@@ -146,7 +156,7 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, li
     """Per op, the backends that can run on ``device`` (default: CUDA when present, else CPU), best first."""
     device = _default_device() if device is None else torch.device(device)
     return {
-        op: [name for name in backend_names(op) if _REGISTRY[op][name].environment(device) is None]
+        op: [name for name in backend_names(op, device) if _REGISTRY[op][name].environment(device) is None]
         for op in OPS
     }
 

@@ -1,10 +1,10 @@
-"""``pretrain bench {data,step}``: throughput benchmarks that write JSON results.
+"""``pretrain bench {data,step,kernels}``: throughput benchmarks that write JSON results.
 
 Every result holds the device, the library versions, the config and shapes
 measured, the raw timings of every repeat and the summary numbers, and is
 written to ``benchmarks/bench-<name>-<device>.json`` unless ``--out`` says
-otherwise. The measurements live in :mod:`tools.bench_data` and
-:mod:`tools.bench_step`; this module holds the command line and the shared
+otherwise. The measurements live in :mod:`tools.bench_data`,
+:mod:`tools.bench_step` and :mod:`tools.bench_kernels`; this module holds the command line and the shared
 reporting.
 """
 from __future__ import annotations
@@ -226,8 +226,37 @@ def _bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reported
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from tools.bench_kernels import print_kernels_summary, run_kernels_bench
+
+    load_before = load_average()
+    result = run_kernels_bench(dtype=args.dtype, tokens_per_batch=args.tokens_per_batch,
+                               patch_batch=args.patch_batch, repeats=args.repeats, warmup=args.warmup)
+    result = {**new_result("kernels", _options(args), load_before), **result}
+    out = write_result(result, args.out or default_out("kernels"))
+    print_kernels_summary(result)
+    print(f"result: {out}")
+    return 0
+
+
+@_reported
+def _bench_shards(args: argparse.Namespace) -> int:
+    from tools.bench_shards import print_shards_summary, run_shards_bench
+
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="medpretrain-bench-shards-") as tmp:
+        result = run_shards_bench(series=args.series, slices=args.slices, workers=args.workers,
+                                  repeats=args.repeats, scratch=Path(tmp))
+    result = {**new_result("shards", _options(args), load_before), **result}
+    out = write_result(result, args.out or default_out("shards"))
+    print_shards_summary(result)
+    print(f"result: {out}")
+    return 0
+
+
 def add_bench_parser(subparsers: Any) -> Any:
-    """Register ``pretrain bench {data,step}`` on an argparse subparsers object; returns the group."""
+    """Register ``pretrain bench {data,step,kernels,shards}`` on an argparse subparsers object; returns the group."""
     parser = subparsers.add_parser("bench", help="benchmark the data loaders or the trainer's step overhead",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="bench_command", required=True)
@@ -266,4 +295,24 @@ def add_bench_parser(subparsers: Any) -> Any:
                       help="also cProfile N steps of each side and record where the time goes")
     step.add_argument("--out", help="JSON result path (default: benchmarks/bench-step-<device>.json)")
     step.set_defaults(func=_bench_step)
+
+    kern = actions.add_parser("kernels", help="attention and patch embedding, every usable backend side by side")
+    kern.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                      help="default: bfloat16 on CUDA, float32 on CPU")
+    kern.add_argument("--tokens-per-batch", type=_positive(int),
+                      help="attention batch = this // sequence length (default: 32768 on CUDA, 512 on CPU)")
+    kern.add_argument("--patch-batch", type=_positive(int), help="patch-embedding batch (default: 32 CUDA, 1 CPU)")
+    kern.add_argument("--repeats", type=_positive(int), default=10, help="timed calls per measurement (default: 10)")
+    kern.add_argument("--warmup", type=_positive(int), default=3, help="untimed calls first (default: 3)")
+    kern.add_argument("--out", help="JSON result path (default: benchmarks/bench-kernels-<device>.json)")
+    kern.set_defaults(func=_bench_kernels)
+
+    shards = actions.add_parser("shards", help="DICOM-to-shard conversion: files/s and MB/s per worker count")
+    shards.add_argument("--series", type=_positive(int), default=20, help="CT series to build (default: 20)")
+    shards.add_argument("--slices", type=_positive(int), default=32, help="slices per series (default: 32)")
+    shards.add_argument("--workers", type=_int_list(), default=[1, 2],
+                        help="conversion processes to compare (default: 1,2)")
+    shards.add_argument("--repeats", type=_positive(int), default=2, help="conversions per setting (default: 2)")
+    shards.add_argument("--out", help="JSON result path (default: benchmarks/bench-shards-<device>.json)")
+    shards.set_defaults(func=_bench_shards)
     return actions

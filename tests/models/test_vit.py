@@ -272,7 +272,7 @@ def test_flops_match_hand_formula_and_flop_counter():
         (dict(preset="small", depth=6), r"ViTConfig.depth: 6 conflicts with preset 'small' \(depth=12\)"),
         (dict(mlp="relu"), "ViTConfig.mlp: must be 'gelu' or 'swiglu'"),
         (dict(pos_embed="rope"), "ViTConfig.pos_embed"),
-        (dict(attn_backend="triton"), "ViTConfig.attn_backend: 'triton' is not one of"),
+        (dict(attn_backend="tpu"), "ViTConfig.attn_backend: 'tpu' is not one of"),
         (dict(drop_path_rate=1.0), "ViTConfig.drop_path_rate"),
         (dict(layer_scale_init=0.0), "ViTConfig.layer_scale_init"),
     ],

@@ -155,3 +155,14 @@ def test_format_table_and_default_out():
     path = default_out("step")
     assert path.parent.name == "benchmarks" and path.name.startswith("bench-step-") and path.suffix == ".json"
     assert " " not in path.name
+
+
+def test_bench_shards_converts_built_dicom_series_per_worker_count(tmp_path, capsys):
+    out = tmp_path / "shards.json"
+    assert main(["bench", "shards", "--series", "2", "--slices", "3", "--workers", "1,2", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["input"]["files"] == 6 and result["input"]["mbytes"] > 0
+    assert [r["workers"] for r in result["runs"]] == [1, 2]
+    assert all(r["files_per_s"] > 0 and r["mb_per_s"] > 0 for r in result["runs"])
+    assert "files/s" in capsys.readouterr().out

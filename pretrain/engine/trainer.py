@@ -40,7 +40,7 @@ def seed_all(seed: int) -> None:
 
 
 def _parameter_count(model: torch.nn.Module) -> int:
-    # ZeRO-3 leaves each parameter an empty placeholder; its full size is in ds_numel.
+    # ZeRO-3 leaves each local parameter empty (numel 0); its full size is in ds_numel.
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 

@@ -48,7 +48,7 @@ from pretrain.data.privacy import hashed_key, load_salt, safe_metadata, salt_fin
 from pretrain.data.readers import SUPPORTED_SUFFIXES, ReadError, read_image_file
 from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
 from tools.medical_inputs import PRESETS, ReportsTable, apply_preset, read_reports, resample
-from tools.shards import ShardSink, positive_number, list_source_files
+from tools.shards import ShardSink, check_conversion_args, list_source_files, positive_number
 
 logger = logging.getLogger(__name__)
 
@@ -263,13 +263,7 @@ def write_medical_shards(
     interrupted run in ``out`` (same settings and salt required) unless
     ``overwrite``, which starts over. Splits with a zero ratio get no folder.
     """
-    src_path, out_path = Path(src), Path(out)
-    if not src_path.is_dir():
-        raise FileNotFoundError(f"{src}: source folder does not exist")
-    if out_path.exists() and out_path.resolve() == src_path.resolve():
-        raise ValueError(f"{out}: output folder must differ from the source folder")
-    if max_samples_per_shard < 1 or max_shard_bytes < 1:
-        raise ValueError("max_samples_per_shard and max_shard_bytes must be positive")
+    src_path, out_path = check_conversion_args(src, out, max_samples_per_shard, max_shard_bytes)
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown intensity preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if target_spacing is not None and (len(target_spacing) != 3 or not all(float(t) > 0 for t in target_spacing)):

@@ -247,6 +247,18 @@ def _prepare_out(out: Path, prefix: str, overwrite: bool) -> None:
         path.unlink()
 
 
+def check_conversion_args(src: str | Path, out: str | Path, max_samples: int, max_bytes: int) -> tuple[Path, Path]:
+    """(src, out) as paths after the checks every conversion makes before it touches ``out``."""
+    src_path, out_path = Path(src), Path(out)
+    if not src_path.is_dir():
+        raise FileNotFoundError(f"{src}: source folder does not exist")
+    if out_path.exists() and out_path.resolve() == src_path.resolve():
+        raise ValueError(f"{out}: output folder must differ from the source folder")
+    if max_samples < 1 or max_bytes < 1:
+        raise ValueError("max_samples_per_shard and max_shard_bytes must be positive")
+    return src_path, out_path
+
+
 def write_shards(
     src: str | Path,
     out: str | Path,
@@ -266,13 +278,7 @@ def write_shards(
     ``failed`` in the manifest, and skipped. Refuses an ``out`` that already
     holds shards unless ``overwrite`` (which deletes its ``*.tar`` and manifest).
     """
-    src_path, out_path = Path(src), Path(out)
-    if not src_path.is_dir():
-        raise FileNotFoundError(f"{src}: source folder does not exist")
-    if out_path.exists() and out_path.resolve() == src_path.resolve():
-        raise ValueError(f"{out}: output folder must differ from the source folder")
-    if max_samples_per_shard < 1 or max_shard_bytes < 1:
-        raise ValueError("max_samples_per_shard and max_shard_bytes must be positive")
+    src_path, out_path = check_conversion_args(src, out, max_samples_per_shard, max_shard_bytes)
     if not _SHARD_PREFIX.fullmatch(prefix):
         # Braces, dots and slashes would clash with webdataset's "{000000..000009}" URL patterns.
         raise ValueError(f"shard prefix {prefix!r} may hold only letters, digits, '_' and '-'")

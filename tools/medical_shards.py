@@ -17,11 +17,11 @@ Restartable: ``OUT/journal.jsonl`` records each completed shard with the
 samples it holds (appended after the shard's atomic rename). A rerun with the
 same settings drops any shard the journal does not list and converts only the
 samples no journaled shard holds, so a killed run resumes with no duplicate
-and no partial shard. Bad inputs are logged with their folder or path,
-recorded under ``failed`` in the manifest and ``OUT/skipped.json``, and skipped.
-Those two lists (and the log) name inputs by their path relative to SRC, which
-may hold identifying folder names: they never enter the shards, but review
-them before publishing an output folder.
+and no partial shard. Bad inputs are logged with their folder or path (the
+console is the only place that names them) and skipped; in the output folder
+(manifests' ``failed``, ``OUT/skipped.json``, the journal) they appear by their
+salted key with the reason, paths redacted, since folder and file names
+identify patients as often as DICOM tags do.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class WorkItem:
     split: str
     kind: str  # "dicom", "nifti" or "image"
     paths: tuple[str, ...]
-    root: str  # SRC, stripped from failure reasons so manifests hold relative paths only
+    root: str  # SRC
     where: str
     text: str | None
     label: int | None
@@ -89,7 +89,8 @@ def plan_items(
     headers = []
     for rel, header in zip(maybe_dicom, scanned):
         if header is None:
-            skipped.append({"path": rel, "reason": "not DICOM, NIfTI or a supported image file"})
+            skipped.append({"path": rel, "key": hashed_key(salt, "path:" + rel),
+                            "reason": "not DICOM, NIfTI or a supported image file"})
         else:
             headers.append(dataclasses.replace(header, path=rel))  # keys must not depend on where SRC lives
     for group, members in group_series(headers).items():
@@ -307,7 +308,9 @@ def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict
                  table: ReportsTable | None, ratios: dict[str, float], pool: Any, args: tuple,
                  max_samples: int, max_bytes: int, progress: bool) -> dict[str, dict[str, Any]]:
     classes = table.classes if table else None
-    builders = {s: ManifestBuilder(source=str(src), classes=classes) for s in SPLIT_NAMES if ratios[s] > 0}
+    # Output files name inputs by their salted keys only: folder and file names can identify patients.
+    source = f"medical conversion, salt {journal.entries[0]['settings']['salt']}"
+    builders = {s: ManifestBuilder(source=source, classes=classes) for s in SPLIT_NAMES if ratios[s] > 0}
     done: set[str] = set()
     for entry in journal.shards():
         shard = entry["shard"]
@@ -316,7 +319,7 @@ def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict
             builders[entry["split"]].add_sample(shape, dtype)
             done.add(key)
     for entry in journal.failures():
-        builders[entry["split"]].add_failure(entry["where"], entry["failed"])
+        builders[entry["split"]].add_failure(entry["key"], entry["failed"])
         done.add(entry["key"])
     writers = {}
     for split, builder in builders.items():
@@ -333,9 +336,9 @@ def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict
             for item, result in _results(todo, pool, args):
                 if "failed" in result:
                     logger.warning("skipping %s: %s", item.where, result["failed"])
-                    builders[item.split].add_failure(item.where, result["failed"])
-                    entry = {"failed": result["failed"], "key": item.key, "where": item.where, "split": item.split}
-                    journal.append(entry)
+                    reason = redact(result["failed"], src, item.paths)
+                    builders[item.split].add_failure(item.key, reason)
+                    journal.append({"failed": reason, "key": item.key, "split": item.split})
                 else:
                     writers[item.split].write(item.key, result)
                 bar.update(1)
@@ -351,8 +354,22 @@ def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict
     for split, builder in builders.items():
         manifests[split] = builder.to_dict()
         write_manifest(out / split, manifests[split])
-    (out / SKIPPED_NAME).write_text(json.dumps(skipped, indent=2) + "\n", encoding="utf-8")
+    kept = [{"key": e["key"], "reason": e["reason"]} for e in skipped]
+    (out / SKIPPED_NAME).write_text(json.dumps(kept, indent=2) + "\n", encoding="utf-8")
     return manifests
+
+
+def redact(reason: str, src: Path, paths: Sequence[str]) -> str:
+    """A failure reason fit for the output folder: the input's paths and folders replaced by ``<input>``."""
+    names = {str(src)}
+    for path in paths:
+        rel = PurePosixPath(Path(path).relative_to(src).as_posix()) if Path(path).is_relative_to(src) else None
+        names.update({str(path), str(Path(path).parent)})
+        if rel is not None:
+            names.update({str(rel), *(str(parent) for parent in rel.parents if str(parent) != ".")})
+    for name in sorted(names, key=len, reverse=True):
+        reason = reason.replace(name, "<input>")
+    return reason
 
 
 def add_medical_options(p: argparse.ArgumentParser, *, labels_flag: bool = False) -> None:

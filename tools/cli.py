@@ -56,7 +56,7 @@ def _eval_knn(args: argparse.Namespace) -> int:
         encoder, intensity = load_encoder(args.source)
         intensity = args.intensity or intensity
     m = encoder.cfg
-    size = tuple(m.img_size) if isinstance(m.img_size, (list, tuple)) else (m.img_size,) * m.spatial_dims
+    size = m.img_size_tuple()
 
     def view(sample):
         return eval_view(sample["image"], size, m.in_chans, intensity, key=sample["__key__"])

@@ -142,8 +142,7 @@ class Trainer:
             return None
         model = self.cfg.model
         encoder = self.objective.encoder()
-        size = tuple(model.img_size) if isinstance(model.img_size, (list, tuple)) else (model.img_size,) * model.spatial_dims
-        view = partial(_eval_view, size=size, channels=model.in_chans, intensity=self.cfg.data.intensity)
+        view = partial(_eval_view, size=model.img_size_tuple(), channels=model.in_chans, intensity=self.cfg.data.intensity)
         return knn_accuracy(
             encoder, ev.knn_train, ev.knn_val, view, pool=ev.pool or self.objective.eval_pool, k=ev.k,
             temperature=ev.temperature, batch_size=ev.batch_size, device=self.dist.device,

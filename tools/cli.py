@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.set_defaults(func=_export)
 
+    from launch.cli import add_launch_parser
+
+    add_launch_parser(sub)
     from tools.bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Callable
 import pytest
 import yaml
 
+from launch.local import LocalRanks, rank_environment
 from pretrain.engine.distributed import free_port
 
 # `python -m tools.cli` is the `pretrain` console command, without relying on the venv's bin/ being on PATH.
@@ -84,37 +83,24 @@ class RankResults:
 
 
 class RankGroup:
-    """``world_size`` processes of ``pretrain <args>``, one per rank, each in its own process group.
+    """``world_size`` processes of ``pretrain <args>``, one per rank, started by the local launcher's machinery.
 
     ``args`` may be a function of the rank, to give one rank a different command line.
 
-    Output goes to files (a full pipe would block a rank). Killing a rank kills its
-    whole process group, DataLoader workers included, as a crashed node would lose them.
+    Output goes to files (a full pipe would block a rank). Each rank is its own process
+    group, so killing a rank kills its DataLoader workers too, as a crashed node would lose them.
     """
 
     def __init__(self, args: list[str] | Callable[[int], list[str]], world_size: int, cwd: Path,
                  env: dict[str, str] | None = None) -> None:
         self.world_size = world_size
         self.log_dir = Path(cwd) / f"rank_logs_{time.monotonic_ns()}"
-        self.log_dir.mkdir(parents=True)
-        port = str(free_port())
-        self.procs: list[subprocess.Popen] = []
-        self.log_files = []
-        for rank in range(world_size):
-            rank_env = dict(os.environ)
-            rank_env.update(
-                RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                # CPU tests: one thread per rank on a 2-core machine, and no GPU even where one exists.
-                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
-            )
-            rank_env.update(env or {})
-            log = open(self.log_dir / f"rank{rank}.log", "w")
-            self.log_files.append(log)
-            self.procs.append(subprocess.Popen(
-                PRETRAIN + list(args(rank) if callable(args) else args), cwd=cwd, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            ))
+        # CPU tests: one thread per rank on a 2-core machine, and no GPU even where one exists.
+        base = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+        port = free_port()
+        envs = [rank_environment(rank, world_size, port, base) for rank in range(world_size)]
+        commands = [PRETRAIN + list(args(rank) if callable(args) else args) for rank in range(world_size)]
+        self.ranks = LocalRanks(commands, envs, log_dir=self.log_dir, echo_rank0=False, cwd=cwd)
 
     def wait(self, timeout: float = RUN_TIMEOUT_S, until: Callable[[], bool] | None = None,
              grace: float = FAILURE_GRACE_S) -> bool:
@@ -127,12 +113,12 @@ class RankGroup:
         deadline = time.monotonic() + timeout
         kill_at = None
         while True:
-            codes = [p.poll() for p in self.procs]
+            all_exited = self.ranks.all_exited()
             if until is not None and until():
                 return True
-            if all(code is not None for code in codes):
+            if all_exited:
                 return False
-            if kill_at is None and any(code not in (None, 0) for code in codes):
+            if kill_at is None and self.ranks.first_failure is not None:
                 kill_at = time.monotonic() + grace
             if kill_at is not None and time.monotonic() > kill_at:
                 self.kill()
@@ -144,26 +130,16 @@ class RankGroup:
 
     def kill(self) -> None:
         """SIGKILL every rank still running, with its children, and reap them."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            proc.wait()
+        self.ranks.kill()
 
     def results(self) -> RankResults:
         """Exit codes so far (-1 for a rank still running) and each rank's output."""
-        for log in self.log_files:
-            log.flush()
         outputs = [(self.log_dir / f"rank{r}.log").read_text(errors="replace") for r in range(self.world_size)]
-        return RankResults([p.returncode if p.returncode is not None else -1 for p in self.procs], outputs)
+        codes = [-1 if code is None else code for code in self.ranks.poll()]
+        return RankResults(codes, outputs)
 
     def close(self) -> None:
-        self.kill()
-        for log in self.log_files:
-            log.close()
+        self.ranks.close()
 
 
 def run_ranks(args: list[str] | Callable[[int], list[str]], world_size: int, cwd: Path, timeout: float = RUN_TIMEOUT_S,

@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tools.shards import positive_number
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 VERSIONED_PACKAGES = ("torch", "deepspeed", "webdataset", "timm", "numpy")
 
@@ -142,19 +144,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 # --- command line ---------------------------------------------------------------------------
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
 def _int_list(choices: Sequence[int] | None = None):
     """A comma-separated list of positive ints (``1,2``); a list keeps the trailing overrides unambiguous."""
     def parse(text: str) -> list[int]:
@@ -189,6 +178,16 @@ def _reported(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     return wrapper
 
 
+def _record(args: argparse.Namespace, name: str, result: dict[str, Any], load_before: list[float] | None,
+            print_summary: Callable[[dict[str, Any]], None]) -> int:
+    """Add the common head (device, versions, options, load) to a result, write it, print its summary."""
+    result = {**new_result(name, _options(args), load_before), **result}
+    out = write_result(result, args.out or default_out(name))
+    print_summary(result)
+    print(f"result: {out}")
+    return 0
+
+
 @_reported
 def _bench_data(args: argparse.Namespace) -> int:
     from tools.bench_data import print_data_summary, run_data_bench
@@ -201,11 +200,7 @@ def _bench_data(args: argparse.Namespace) -> int:
             warmup_batches=args.warmup_batches, batch_size=args.batch_size, demo_samples=args.demo_samples,
             scratch=Path(tmp), progress=not args.quiet,
         )
-    result = {**new_result("data", _options(args), load_before), **result}
-    out = write_result(result, args.out or default_out("data"))
-    print_data_summary(result)
-    print(f"result: {out}")
-    return 0
+    return _record(args, "data", result, load_before, print_data_summary)
 
 
 @_reported
@@ -219,11 +214,7 @@ def _bench_step(args: argparse.Namespace) -> int:
             steps=args.steps, warmup=args.warmup, threads=args.threads, shards=args.shards,
             profile_steps_per_side=args.profile, scratch=Path(tmp),
         )
-    result = {**new_result("step", _options(args), load_before), **result}
-    out = write_result(result, args.out or default_out("step"))
-    print_step_summary(result)
-    print(f"result: {out}")
-    return 0
+    return _record(args, "step", result, load_before, print_step_summary)
 
 
 @_reported
@@ -233,11 +224,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     load_before = load_average()
     result = run_kernels_bench(dtype=args.dtype, tokens_per_batch=args.tokens_per_batch,
                                patch_batch=args.patch_batch, repeats=args.repeats, warmup=args.warmup)
-    result = {**new_result("kernels", _options(args), load_before), **result}
-    out = write_result(result, args.out or default_out("kernels"))
-    print_kernels_summary(result)
-    print(f"result: {out}")
-    return 0
+    return _record(args, "kernels", result, load_before, print_kernels_summary)
 
 
 @_reported
@@ -248,11 +235,7 @@ def _bench_shards(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="medpretrain-bench-shards-") as tmp:
         result = run_shards_bench(series=args.series, slices=args.slices, workers=args.workers,
                                   repeats=args.repeats, scratch=Path(tmp))
-    result = {**new_result("shards", _options(args), load_before), **result}
-    out = write_result(result, args.out or default_out("shards"))
-    print_shards_summary(result)
-    print(f"result: {out}")
-    return 0
+    return _record(args, "shards", result, load_before, print_shards_summary)
 
 
 def add_bench_parser(subparsers: Any) -> Any:
@@ -269,11 +252,11 @@ def add_bench_parser(subparsers: Any) -> Any:
     data.add_argument("--dims", type=_int_list((2, 3)), default=[2, 3], help="loaders to measure (default: 2,3)")
     data.add_argument("--workers", type=_int_list(), default=[1, 2],
                       help="DataLoader worker counts to measure (default: 1,2)")
-    data.add_argument("--seconds", type=_positive(float), default=10.0, help="budget per measurement (default: 10)")
-    data.add_argument("--repeats", type=_positive(int), default=3, help="measurements per setting (default: 3)")
-    data.add_argument("--warmup-batches", type=_positive(int), default=3, help="batches before timing (default: 3)")
-    data.add_argument("--batch-size", type=_positive(int), help="default: the config's data.batch_size")
-    data.add_argument("--demo-samples", type=_positive(int), default=1000,
+    data.add_argument("--seconds", type=positive_number(float), default=10.0, help="budget per measurement (default: 10)")
+    data.add_argument("--repeats", type=positive_number(int), default=3, help="measurements per setting (default: 3)")
+    data.add_argument("--warmup-batches", type=positive_number(int), default=3, help="batches before timing (default: 3)")
+    data.add_argument("--batch-size", type=positive_number(int), help="default: the config's data.batch_size")
+    data.add_argument("--demo-samples", type=positive_number(int), default=1000,
                       help="samples per generated demo shard set (default: 1000, i.e. 2 shards)")
     data.add_argument("--quiet", action="store_true", help="no progress bar while generating demo shards")
     data.add_argument("--out", help="JSON result path (default: benchmarks/bench-data-<device>.json)")
@@ -282,11 +265,11 @@ def add_bench_parser(subparsers: Any) -> Any:
     step = actions.add_parser("step", help="trainer step time against a bare PyTorch loop on the same batch")
     step.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.preset=nano")
     step.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/demo.yaml)")
-    step.add_argument("--batch-size", type=_positive(int), help="default: the config's data.batch_size")
-    step.add_argument("--rounds", type=_positive(int), default=10, help="alternating rounds (default: 10)")
-    step.add_argument("--steps", type=_positive(int), default=5, help="steps per side per round (default: 5)")
-    step.add_argument("--warmup", type=_positive(int), default=3, help="untimed steps per side first (default: 3)")
-    step.add_argument("--threads", type=_positive(int),
+    step.add_argument("--batch-size", type=positive_number(int), help="default: the config's data.batch_size")
+    step.add_argument("--rounds", type=positive_number(int), default=10, help="alternating rounds (default: 10)")
+    step.add_argument("--steps", type=positive_number(int), default=5, help="steps per side per round (default: 5)")
+    step.add_argument("--warmup", type=positive_number(int), default=3, help="untimed steps per side first (default: 3)")
+    step.add_argument("--threads", type=positive_number(int),
                       help="torch threads for both sides (default: train.threads, else torch's default); on a "
                            "shared machine use the cores that are free: oversubscribed threads slow both sides "
                            "many times over and drown the ratio in noise")
@@ -299,20 +282,20 @@ def add_bench_parser(subparsers: Any) -> Any:
     kern = actions.add_parser("kernels", help="attention and patch embedding, every usable backend side by side")
     kern.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                       help="default: bfloat16 on CUDA, float32 on CPU")
-    kern.add_argument("--tokens-per-batch", type=_positive(int),
+    kern.add_argument("--tokens-per-batch", type=positive_number(int),
                       help="attention batch = this // sequence length (default: 32768 on CUDA, 512 on CPU)")
-    kern.add_argument("--patch-batch", type=_positive(int), help="patch-embedding batch (default: 32 CUDA, 1 CPU)")
-    kern.add_argument("--repeats", type=_positive(int), default=10, help="timed calls per measurement (default: 10)")
-    kern.add_argument("--warmup", type=_positive(int), default=3, help="untimed calls first (default: 3)")
+    kern.add_argument("--patch-batch", type=positive_number(int), help="patch-embedding batch (default: 32 CUDA, 1 CPU)")
+    kern.add_argument("--repeats", type=positive_number(int), default=10, help="timed calls per measurement (default: 10)")
+    kern.add_argument("--warmup", type=positive_number(int), default=3, help="untimed calls first (default: 3)")
     kern.add_argument("--out", help="JSON result path (default: benchmarks/bench-kernels-<device>.json)")
     kern.set_defaults(func=_bench_kernels)
 
     shards = actions.add_parser("shards", help="DICOM-to-shard conversion: files/s and MB/s per worker count")
-    shards.add_argument("--series", type=_positive(int), default=20, help="CT series to build (default: 20)")
-    shards.add_argument("--slices", type=_positive(int), default=32, help="slices per series (default: 32)")
+    shards.add_argument("--series", type=positive_number(int), default=20, help="CT series to build (default: 20)")
+    shards.add_argument("--slices", type=positive_number(int), default=32, help="slices per series (default: 32)")
     shards.add_argument("--workers", type=_int_list(), default=[1, 2],
                         help="conversion processes to compare (default: 1,2)")
-    shards.add_argument("--repeats", type=_positive(int), default=2, help="conversions per setting (default: 2)")
+    shards.add_argument("--repeats", type=positive_number(int), default=2, help="conversions per setting (default: 2)")
     shards.add_argument("--out", help="JSON result path (default: benchmarks/bench-shards-<device>.json)")
     shards.set_defaults(func=_bench_shards)
     return actions

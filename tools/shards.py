@@ -403,8 +403,12 @@ def shards_main(args: argparse.Namespace) -> int:
 
 
 def positive_number(kind: type) -> Any:
+    """An argparse type: a number of ``kind`` that must be > 0, with a message naming the text."""
     def parse(text: str) -> Any:
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value

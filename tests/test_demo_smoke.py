@@ -81,3 +81,13 @@ def test_eval_knn_command_on_export_run_dir_and_random_init(tmp_path, capsys):
     (export / "config.json").write_text(json.dumps({"model": config_to_dict(cfg.model), "preprocessing": {"intensity": "zscore"}}))
     assert main(["eval", "knn", str(export), *split_args]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] == random_init["knn_top1"]
+
+
+def test_demo_data_reuses_a_complete_split_only_for_the_same_seed(tmp_path):
+    shard = tmp_path / "knn_val_2d" / "shard-000000.tar"
+    make_demo_data(tmp_path, scale=0.01, splits=["knn_val_2d"], progress=False)
+    first = shard.read_bytes()
+    make_demo_data(tmp_path, scale=0.01, splits=["knn_val_2d"], progress=False)
+    assert shard.read_bytes() == first
+    make_demo_data(tmp_path, scale=0.01, seed=1, splits=["knn_val_2d"], progress=False)
+    assert shard.read_bytes() != first

@@ -41,7 +41,7 @@ def write_split(out: Path, generator: Callable, size: int, count: int, seed: int
         old.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % len(CLASSES))
-    builder = ManifestBuilder(source=f"medpretrain demo ({generator.__name__}, seed {seed})", classes=list(CLASSES))
+    builder = ManifestBuilder(source=_source(generator, seed), classes=list(CLASSES))
     sink = ShardSink(out, "shard", max_samples=500, max_bytes=256 * 2**20, builder=builder)
     try:
         for i in tqdm(range(count), desc=out.name, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True):
@@ -67,17 +67,25 @@ def write_split(out: Path, generator: Callable, size: int, count: int, seed: int
     return manifest
 
 
+def _source(generator: Callable, seed: int) -> str:
+    return f"medpretrain demo ({generator.__name__}, seed {seed})"
+
+
 def make_demo_data(out: str | Path, scale: float = 1.0, seed: int = 0, splits: list[str] | None = None, progress: bool = True) -> dict[str, int]:
-    """Write the demo splits under ``out``; returns ``{split: samples}``. Skips splits already complete."""
+    """Write the demo splits under ``out``; returns ``{split: samples}``. Skips splits already complete
+    for the same count and seed."""
     out = Path(out)
     written = {}
     for name in splits or list(SPLITS):
         generator, size, count, offset = SPLITS[name]
         count = max(len(CLASSES), int(round(count * scale)))
         folder = out / name
+        split_seed = seed * 1000 + offset
         done = folder / MANIFEST_NAME
-        if done.is_file() and json.loads(done.read_text()).get("num_samples") == count:
-            written[name] = count
-            continue
-        written[name] = write_split(folder, generator, size, count, seed * 1000 + offset, progress)["num_samples"]
+        if done.is_file():
+            manifest = json.loads(done.read_text())
+            if manifest.get("num_samples") == count and manifest.get("source") == _source(generator, split_seed):
+                written[name] = count
+                continue
+        written[name] = write_split(folder, generator, size, count, split_seed, progress)["num_samples"]
     return written

@@ -31,16 +31,6 @@ def iter_labelled_samples(spec: str | list[str]) -> Iterator[dict]:
         yield sample
 
 
-def pool_tokens(x_BTD: torch.Tensor, num_prefix: int, mode: str) -> torch.Tensor:
-    if mode == "cls":
-        return x_BTD[:, 0]
-    if mode == "mean":
-        return x_BTD[:, num_prefix:].mean(dim=1)
-    if mode == "cls+mean":
-        return torch.cat([x_BTD[:, 0], x_BTD[:, num_prefix:].mean(dim=1)], dim=-1)
-    raise ValueError(f"unknown pooling {mode!r} (cls, mean, cls+mean)")
-
-
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
@@ -75,7 +65,7 @@ def extract_features(
         x = torch.stack([view(s) for s in chunk]).to(device=device, dtype=dtype)
         tokens = encoder.forward_features(x)
         if not pad:
-            feats.append(pool_tokens(tokens, encoder.num_prefix_tokens, pool).float().cpu())
+            feats.append(encoder.pool(tokens, pool).float().cpu())
             labels.extend(int(s["label"]) for s in chunk)
     encoder.train(was_training)
     f = torch.cat(feats) if feats else torch.zeros(0)

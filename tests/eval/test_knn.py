@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.eval.knn import chance_level, knn_predict, pool_tokens
+from pretrain.eval.knn import chance_level, knn_predict
 
 
 def reference_knn(bank, bank_y, query, k, T, C):
@@ -41,11 +41,5 @@ def test_knn_separable_clusters_are_classified_and_temperature_weights_votes():
     assert knn_predict(bank, bank_y, query, k=4, temperature=10.0).item() == 0  # flat: majority wins
 
 
-def test_pooling_modes_and_chance():
-    x = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
-    torch.testing.assert_close(pool_tokens(x, 2, "cls"), x[:, 0])
-    torch.testing.assert_close(pool_tokens(x, 2, "mean"), x[:, 2:].mean(1))
-    assert pool_tokens(x, 1, "cls+mean").shape == (2, 6)
-    with pytest.raises(ValueError, match="unknown pooling"):
-        pool_tokens(x, 1, "max")
+def test_chance_level_is_the_majority_class_share():
     assert chance_level(np.array([0, 0, 1, 2])) == 0.5

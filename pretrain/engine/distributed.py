@@ -69,19 +69,3 @@ def teardown_distributed(barrier: bool = True) -> None:
         # DeepSpeed's own teardown also drops its cached world group, so a second
         # run in the same process (tests, notebooks, in-process sweeps) starts clean.
         deepspeed.comm.destroy_process_group()
-
-
-def all_reduce_max(value: float, device: torch.device) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

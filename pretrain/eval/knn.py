@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -109,9 +108,3 @@ def knn_accuracy(
     num_classes = int(max(bank_y.max(), query_y.max())) + 1
     pred = knn_predict(bank_f, bank_y, query_f, k=k, temperature=temperature, num_classes=num_classes)
     return float((pred == query_y).float().mean())
-
-
-def chance_level(labels: np.ndarray | torch.Tensor) -> float:
-    """Accuracy of always predicting the most frequent class."""
-    counts = np.bincount(np.asarray(labels))
-    return float(counts.max() / counts.sum())

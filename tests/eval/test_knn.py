@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.eval.knn import chance_level, knn_predict
+from pretrain.eval.knn import knn_predict
 
 
 def reference_knn(bank, bank_y, query, k, T, C):
@@ -39,7 +39,3 @@ def test_knn_separable_clusters_are_classified_and_temperature_weights_votes():
     query = torch.tensor([[1.0, 0.0]])
     assert knn_predict(bank, bank_y, query, k=4, temperature=0.01).item() == 1  # sharp: nearest wins
     assert knn_predict(bank, bank_y, query, k=4, temperature=10.0).item() == 0  # flat: majority wins
-
-
-def test_chance_level_is_the_majority_class_share():
-    assert chance_level(np.array([0, 0, 1, 2])) == 0.5

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from launch.local import add_local_parser
+from launch.slurm import add_slurm_parser
+from launch.status import add_status_parser
 
 
 class OverridesAnywhereParser(argparse.ArgumentParser):
@@ -24,8 +26,10 @@ class OverridesAnywhereParser(argparse.ArgumentParser):
 
 
 def add_launch_parser(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Register ``pretrain launch`` and its launchers; returns the group so more launchers can join it."""
-    launch = subparsers.add_parser("launch", help="start a training job in several processes")
+    """Register ``pretrain launch`` (local, slurm, status); returns the group so more launchers can join it."""
+    launch = subparsers.add_parser("launch", help="start training jobs on this machine or a SLURM cluster; follow them")
     group = launch.add_subparsers(dest="launch_command", required=True, parser_class=OverridesAnywhereParser)
     add_local_parser(group)
+    add_slurm_parser(group)
+    add_status_parser(group)
     return group

@@ -31,7 +31,8 @@ def _print_summary(summary: dict) -> None:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
     print(f"\nrun directory : {summary['run_dir']}")
-    print(f"steps         : {summary['steps']}  ({summary['wall_seconds']:.0f} s)  final loss {summary['final_loss']:.4f}")
+    loss = "n/a (last step skipped)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    print(f"steps         : {summary['steps']}  ({summary['wall_seconds']:.0f} s)  final loss {loss}")
     print(f"kNN top-1     : random init {pct(summary['knn_init'])}  ->  pretrained {pct(summary['knn_final'])}")
     print(f"tensorboard   : tensorboard --logdir {summary['tensorboard']}")
     print(f"checkpoint    : {summary['checkpoint']}")

@@ -39,12 +39,19 @@ def resolve_checkpoint(source: str | Path) -> Path:
 
 def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The objective's full state dict in fp32 from a DeepSpeed checkpoint folder."""
+    model_states = next(iter(sorted(ckpt.glob("*mp_rank_00_model_states.pt"))), None)
+    module = torch.load(model_states, map_location="cpu", weights_only=False)["module"] if model_states else {}
     if any(ckpt.glob("*optim_states.pt")):  # ZeRO 1-3 (and bf16) keep fp32 masters in optimizer shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        # Frozen tensors (fixed position tables) are not in the optimizer; ZeRO-1 leaves them
+        # out of the reconstruction, but the model states hold them whole.
+        for key, value in module.items():
+            if key not in state and isinstance(value, torch.Tensor) and value.numel():
+                state[key] = value
     else:
-        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = module
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
@@ -53,6 +60,11 @@ def trained_objective(ckpt: Path):
     cfg = load_config(ckpt / "config.yaml")
     objective = build_objective(cfg)
     missing, unexpected = objective.load_state_dict(fp32_state_dict(ckpt), strict=False)
+    # What DeepSpeed does not hold in fp32 (an EMA teacher) comes from the per-rank states.
+    rank_states = [torch.load(f, map_location="cpu", weights_only=False).get("objective", {})
+                   for f in sorted(ckpt.glob("rank*_state.pt"))]
+    restored = objective.restore_from_rank_states(rank_states)
+    missing = [k for k in missing if k not in restored]
     if missing or unexpected:
         raise RuntimeError(f"{ckpt}: checkpoint does not match the objective: missing {missing}, unexpected {unexpected}")
     return objective, cfg

@@ -26,6 +26,7 @@ from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_distributed
 from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
 from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
+from pretrain.engine.preemption import StopRequest
 from pretrain.engine.schedules import lr_at
 from pretrain.eval.knn import knn_accuracy
 from pretrain.objectives import build_objective
@@ -105,7 +106,8 @@ class Trainer:
         self.history: dict[str, Any] = {"wall_seconds": 0.0}
         tag = ckpt.latest_tag(self.ckpt_dir)
         if tag is not None:
-            client, _ = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+            client, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+            self.objective.load_rank_state(rank_state.get("objective", {}))
             self.step = int(client["step"])
             self.history = client["history"]
             # Another worker count, seed or batch size would silently resume on other samples.
@@ -136,22 +138,38 @@ class Trainer:
         return self.stream.position(self.step * self.cfg.train.grad_accum)
 
     # --- evaluation ---------------------------------------------------------------------
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> dict[str, float] | None:
+        """kNN top-1 of each encoder the objective names (the first one is the run's headline number)."""
         ev = self.cfg.eval
         if not (ev.knn_train and ev.knn_val):
             return None
         model = self.cfg.model
-        encoder = self.objective.encoder()
         view = partial(_eval_view, size=model.img_size_tuple(), channels=model.in_chans, intensity=self.cfg.data.intensity)
-        return knn_accuracy(
-            encoder, ev.knn_train, ev.knn_val, view, pool=ev.pool or self.objective.eval_pool, k=ev.k,
-            temperature=ev.temperature, batch_size=ev.batch_size, device=self.dist.device,
-            dtype=PRECISION_DTYPES[self.cfg.train.precision],
-        )
+        return {
+            name: knn_accuracy(
+                encoder, ev.knn_train, ev.knn_val, view, pool=ev.pool or self.objective.eval_pool, k=ev.k,
+                temperature=ev.temperature, batch_size=ev.batch_size, device=self.dist.device,
+                dtype=PRECISION_DTYPES[self.cfg.train.precision],
+            )
+            for name, encoder in self.objective.eval_encoders().items()
+        }
+
+    def _log_eval(self, monitor: Monitor, accs: dict[str, float] | None, label: str) -> float | None:
+        """Log kNN results as eval/knn_top1 (headline) and eval/knn_top1_<name>; returns the headline."""
+        if not accs:
+            return None
+        headline = next(iter(accs.values()))
+        scalars = {"eval/knn_top1": headline, **{f"eval/knn_top1_{n}": a for n, a in accs.items() if n}}
+        monitor.scalars(self.step, scalars)
+        parts = ", ".join(f"{n} {a:.4f}" for n, a in accs.items() if n)
+        monitor.message(f"[eval] {label}: kNN top-1 {headline:.4f}" + (f" ({parts})" if len(accs) > 1 else ""))
+        return headline
 
     # --- the loop -----------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop: StopRequest | None = None) -> dict[str, Any]:
+        """Train to ``train.steps``; with ``stop``, end early (checkpointed) after the step where a signal was agreed."""
         cfg, t = self.cfg, self.cfg.train
+        interrupted = None
         started = time.perf_counter()
         monitor = Monitor(self.run_dir / "tb", self.dist.is_main, t.steps, self.step, t.progress)
         metrics_file = open_metrics(self.run_dir / "metrics.jsonl", self.step) if self.dist.is_main else None
@@ -164,11 +182,9 @@ class Trainer:
             f" | kernels {_kernel_choice()} | {'resuming at step ' + str(self.step) if self.resumed else 'from scratch'}"
         )
         if not self.resumed and cfg.eval.at_start:
-            acc = self.evaluate()
+            acc = self._log_eval(monitor, self.evaluate(), "step 0 (random init)")
             if acc is not None:
                 self.history["knn_init"] = acc
-                monitor.scalars(0, {"eval/knn_top1": acc})
-                monitor.message(f"[eval] step 0 (random init): kNN top-1 {acc:.4f}")
 
         loader = make_loader(self.stream, cfg.data.num_workers)
         batches = iter(loader)
@@ -180,7 +196,8 @@ class Trainer:
                 lr = self.set_schedules()
                 log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 parts, stream_stats, batch, out = self.train_step(batches, timer, measure_grad_norm=log_now)
-                self.objective.after_step(self.step)
+                if parts:  # empty when the step was skipped for a non-finite loss
+                    self.objective.after_step(self.step)
                 self.step += 1
                 timer.steps += 1
                 last = self.step == t.steps
@@ -200,25 +217,23 @@ class Trainer:
                 if (t.image_log_every and self.step % t.image_log_every == 0) or last:
                     monitor.images(self.step, self.objective.visualize(batch, out))
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
-                    acc = self.evaluate()
-                    if acc is not None:
-                        monitor.scalars(self.step, {"eval/knn_top1": acc})
-                        monitor.message(f"[eval] step {self.step}: kNN top-1 {acc:.4f}")
-                if self.step % t.ckpt_every == 0 or last:
+                    self._log_eval(monitor, self.evaluate(), f"step {self.step}")
+                interrupted = stop.agreed(self.dist.device) if stop is not None and not last else None
+                if self.step % t.ckpt_every == 0 or last or interrupted:
                     self.history["wall_seconds"] += time.perf_counter() - started
                     started = time.perf_counter()
                     self.history["final_loss"] = last_parts.get("loss")
                     self.save()
-            final_acc = self.evaluate()
-            if final_acc is not None:
-                monitor.scalars(self.step, {"eval/knn_top1": final_acc})
-                monitor.message(f"[eval] step {self.step}: kNN top-1 {final_acc:.4f}")
+                if interrupted:
+                    monitor.message(f"[medpretrain] {interrupted.name} received: checkpointed step {self.step}, stopping")
+                    break
+            final_acc = None if interrupted else self._log_eval(monitor, self.evaluate(), f"step {self.step}")
         finally:
             monitor.close()
             if metrics_file is not None:
                 metrics_file.close()
             del batches
-        return self._summary(final_acc, time.perf_counter() - started)
+        return self._summary(final_acc, time.perf_counter() - started, interrupted.name if interrupted else None)
 
     def train_step(self, batches, timer: StepTimer | None = None, measure_grad_norm: bool = False):
         """One optimizer step over ``grad_accum`` micro-batches from ``batches``.
@@ -237,6 +252,9 @@ class Trainer:
             batch = move_batch(batch, self.dist.device)
             t1 = time.perf_counter()
             out = self.engine(batch)
+            if not self._finite_on_every_rank(out["loss"]):
+                self._skip_nonfinite(out)
+                continue
             self.engine.backward(out["loss"])
             if measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 self._plain_grad_norm = self._unpartitioned_grad_norm()
@@ -249,6 +267,29 @@ class Trainer:
                 timer.compute += time.perf_counter() - t1
                 timer.samples += self.cfg.data.batch_size
         return parts, stream_stats, batch, out
+
+    def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+        if self.dist.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _skip_nonfinite(self, out: dict[str, torch.Tensor]) -> None:
+        """Drop a micro-batch whose loss is not finite on some rank: no backward, no optimizer step.
+
+        Every rank skips together (the check is all-reduced), so the weights and
+        the optimizer's moments never see it. With grad_accum > 1 a dropped
+        micro-batch would shift DeepSpeed's accumulation window for the rest of
+        the run, so there it is an error (the last checkpoint is untouched).
+        """
+        parts = {k: float(v.detach().float()) for k, v in out.items() if not k.startswith("_") and v.numel() == 1}
+        where = f"step {self.step + 1} (rank {self.dist.rank} parts: {parts})"
+        if self.cfg.train.grad_accum > 1:
+            raise FloatingPointError(f"non-finite loss at {where}; skipping needs train.grad_accum=1")
+        self.history["skipped_nonfinite"] = self.history.get("skipped_nonfinite", 0) + 1
+        log.warning("[medpretrain] non-finite loss at %s: step skipped (%d so far)", where,
+                    self.history["skipped_nonfinite"])
+        print(f"[medpretrain] non-finite loss at {where}: step skipped", flush=True)
 
     def _unpartitioned_grad_norm(self) -> float | None:
         """Pre-clip global grad norm where DeepSpeed does not report one (ZeRO-0 in fp32)."""
@@ -268,6 +309,8 @@ class Trainer:
     def _reduce_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss parts averaged over ranks (one all-reduce per logged step)."""
         keys = sorted(parts)
+        if not keys:  # every rank skipped this step together
+            return {}
         values = torch.stack([parts[k] for k in keys]).to(self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(values)
@@ -284,16 +327,18 @@ class Trainer:
         if peak:
             per_device = scalars["perf/samples_per_s"] / self.dist.world_size
             scalars["perf/mfu"] = per_device * flops_per_sample / peak
+        scalars["optim/skipped_nonfinite"] = self.history.get("skipped_nonfinite", 0)
         scalars.update(self.objective.log_scalars())
         return scalars
 
     def save(self) -> Path:
         client = {"step": self.step, "history": self.history, "data": self._data_position()}
         return ckpt.save_checkpoint(
-            self.engine, self.ckpt_dir, self.step, client, {}, dump_config(self.cfg), self.cfg.train.keep_checkpoints
+            self.engine, self.ckpt_dir, self.step, client, {"objective": self.objective.rank_state()},
+            dump_config(self.cfg), self.cfg.train.keep_checkpoints,
         )
 
-    def _summary(self, final_acc: float | None, wall_tail: float) -> dict[str, Any]:
+    def _summary(self, final_acc: float | None, wall_tail: float, interrupted: str | None) -> dict[str, Any]:
         self.history["wall_seconds"] += wall_tail
         summary = {
             "run_dir": str(self.run_dir.resolve()),
@@ -307,8 +352,9 @@ class Trainer:
             "checkpoint": str((self.ckpt_dir / ckpt.tag_for(self.step)).resolve()),
             "tensorboard": str((self.run_dir / "tb").resolve()),
             "export": None,
+            "interrupted": interrupted,
         }
-        if self.dist.is_main:
+        if self.dist.is_main and not interrupted:
             write_summary(self.run_dir, summary)
         return summary
 
@@ -333,11 +379,15 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     ckpt._atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the summary also written to ``summary.json``."""
+def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the summary also written to ``summary.json``.
+
+    With ``stop`` the run may end early, checkpointed, with ``summary["interrupted"]``
+    naming the signal; the summary file is then not written (the run is not over).
+    """
     dist_info = setup_distributed()
     try:
-        summary = Trainer(cfg, dist_info).fit()
+        summary = Trainer(cfg, dist_info).fit(stop)
     except BaseException:
         # A failing rank must not wait in a barrier for ranks that are still training:
         # that hangs the whole job and hides the error. Leave without one.

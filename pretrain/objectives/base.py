@@ -46,8 +46,26 @@ class Objective(nn.Module):
         """No-grad updates after the optimizer step (EMA teacher, centers)."""
 
     def encoder(self) -> nn.Module:
-        """The backbone that evaluation and export use."""
+        """The backbone that export uses (and evaluation, unless ``eval_encoders`` says more)."""
         raise NotImplementedError(f"{type(self).__name__} must define encoder()")
+
+    def eval_encoders(self) -> dict[str, nn.Module]:
+        """Encoders to evaluate by name; the first is the run's headline (e.g. teacher and student)."""
+        return {"": self.encoder()}
+
+    def rank_state(self) -> dict[str, Any]:
+        """State of this rank that DeepSpeed does not checkpoint (e.g. fp32 teacher shards)."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`rank_state` returned, after the engine's own state is loaded."""
+
+    def restore_from_rank_states(self, states: list[dict[str, Any]]) -> set[str]:
+        """Outside training (export, eval): rebuild full tensors from every rank's :meth:`rank_state`.
+
+        Returns the parameter names (as in ``state_dict``) it restored.
+        """
+        return set()
 
     def flops_per_sample(self) -> float:
         """Model FLOPs (forward + backward) per training sample, for MFU."""

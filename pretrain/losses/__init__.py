@@ -1,0 +1,1 @@
+"""Loss functions and teacher-target normalisation for self-distillation objectives."""

@@ -138,3 +138,32 @@ def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> tuple[dict[str, A
     set_rng_state(rank_state.pop("rng"))
     log.info("resumed from %s", ckpt_dir / tag)
     return client_state or {}, rank_state
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A run directory (its latest checkpoint), a checkpoints folder, or one checkpoint folder."""
+    source = Path(source)
+    if (source / COMPLETE).is_file():
+        return source
+    for root in (source / "checkpoints", source):
+        if (root / "latest").is_file():
+            return root / latest_tag(root)
+    raise FileNotFoundError(f"{source}: no complete checkpoint (expected a run dir, its checkpoints/ or a step_* folder)")
+
+
+def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The objective's full state dict in fp32 from a DeepSpeed checkpoint folder."""
+    model_states = next(iter(sorted(ckpt.glob("*mp_rank_00_model_states.pt"))), None)
+    module = torch.load(model_states, map_location="cpu", weights_only=False)["module"] if model_states else {}
+    if any(ckpt.glob("*optim_states.pt")):  # ZeRO 1-3 (and bf16) keep fp32 masters in optimizer shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        # Frozen tensors (fixed position tables) are not in the optimizer; ZeRO-1 leaves them
+        # out of the reconstruction, but the model states hold them whole.
+        for key, value in module.items():
+            if key not in state and isinstance(value, torch.Tensor) and value.numel():
+                state[key] = value
+    else:
+        state = module
+    return {k: v.float().contiguous() for k, v in state.items()}

@@ -1,0 +1,131 @@
+"""DINO through the real trainer: every ZeRO stage in two gloo processes, the fp32 teacher, exact resume.
+
+The teacher is compared as exported (``tools.export.trained_objective``),
+which rebuilds it from every rank's fp32 EMA state: under ZeRO-3 from shards.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pretrain.engine.checkpoint import tag_for
+from tests.engine.conftest import loss_curve, run_ranks, tiny_config, train_args
+from tests.engine.test_resume import _kill_and_resume
+from tools.export import trained_objective
+
+STEPS = 6
+
+
+def dino_config(shards: Path) -> dict:
+    cfg = tiny_config(shards)
+    cfg["objective"] = {
+        "name": "dino", "prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
+        "crops": {"global_size": [24, 24], "local_size": [16, 16], "n_global": 2, "n_local": 2, "flip_axes": []},
+        "mask_probability": 0.5, "momentum_start": 0.9, "freeze_last_layer_steps": 2,
+    }
+    cfg["train"].update(steps=STEPS)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def dino_yaml(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
+    path = tmp_path_factory.mktemp("dino_configs") / "dino.yaml"
+    path.write_text(yaml.safe_dump(dino_config(demo_shards), sort_keys=False))
+    return path
+
+
+def _teacher(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    objective, _ = trained_objective(run_dir / "checkpoints" / tag_for(step))
+    return {k: v.detach().clone() for k, v in objective.teacher.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def zero0_dino(tmp_path_factory: pytest.TempPathFactory, dino_yaml: Path) -> Path:
+    work = tmp_path_factory.mktemp("dino_zero0")
+    run_ranks(train_args(dino_yaml, work / "run", "train.zero_stage=0"), 2, work).assert_clean()
+    return work / "run"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_stage_gives_the_zero0_curve_and_teacher(stage: int, zero0_dino: Path, dino_yaml: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_ranks(train_args(dino_yaml, run_dir, f"train.zero_stage={stage}"), 2, tmp_path).assert_clean()
+    reference, curve = loss_curve(zero0_dino, STEPS), loss_curve(run_dir, STEPS)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(curve, reference))
+    assert worst <= 1e-5, f"ZeRO-{stage} vs ZeRO-0: {curve} vs {reference}"
+    expected, got = _teacher(zero0_dino), _teacher(run_dir)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-6), name
+    # The teacher lags the student it started as: an EMA, not a copy.
+    objective, _ = trained_objective(run_dir / "checkpoints" / tag_for(STEPS))
+    student = objective.student.state_dict()
+    assert any(not torch.allclose(student[n], got[n]) for n in got)
+
+
+def test_teacher_is_an_fp32_ema_even_in_bf16_under_zero3(dino_yaml: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_ranks(train_args(dino_yaml, run_dir, "train.zero_stage=3", "train.precision=bf16"), 2, tmp_path).assert_clean()
+    ckpt = run_dir / "checkpoints" / tag_for(STEPS)
+    for rank in range(2):
+        state = torch.load(ckpt / f"rank{rank:05d}_state.pt", weights_only=False)["objective"]["ema_teacher"]
+        assert all(m.dtype == torch.float32 for m in state["master"])
+        kinds = {kind for _, kind, _ in state["layout"]}
+        assert "shard" in kinds, "under ZeRO-3 each rank keeps shards of the teacher, not full copies"
+    teacher = _teacher(run_dir)
+    assert all(torch.isfinite(v).all() for v in teacher.values())
+    losses = [json.loads(line)["loss/total"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == STEPS and all(np.isfinite(losses))
+
+
+def test_two_processes_match_one_process_of_the_same_global_batch(zero0_dino: Path, dino_yaml: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_ranks(train_args(dino_yaml, run_dir, "data.batch_size=16", "train.zero_stage=3"), 1, tmp_path).assert_clean()
+    one, two = loss_curve(run_dir, STEPS), loss_curve(zero0_dino, STEPS)
+    assert abs(sum(one) - sum(two)) / sum(two) <= 0.02, (one, two)
+    assert one != two
+
+
+def test_sigkilled_dino_resumes_with_the_same_student_and_teacher_zero3(dino_yaml: Path, tmp_path: Path):
+    _kill_and_resume(dino_yaml, tmp_path, 2, "train.zero_stage=3")
+    expected, got = _teacher(tmp_path / "uninterrupted", 30), _teacher(tmp_path / "crashed", 30)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_non_finite_loss_is_reported_and_skipped(tmp_path: Path):
+    """A NaN image that reached the shards (written by another tool) poisons its batches: those steps
+    are skipped on every rank, and the weights stay finite."""
+    import webdataset as wds
+
+    from pretrain.data.codec import encode_sample
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(shards / "poisoned-000000.tar")) as sink:
+        for i in range(16):
+            image = rng.normal(size=(1, 32, 32)).astype(np.float32)
+            if i == 5:
+                image[:] = np.nan
+            sink.write(encode_sample(f"img{i:02d}", image, {"shape": list(image.shape), "dtype": "float32"}))
+    cfg = tiny_config(shards)
+    cfg["data"].update(train=str(shards / "poisoned-000000.tar"), shuffle_buffer=16)
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for world, stage in [(1, 0), (2, 3)]:
+        run_dir = tmp_path / f"run{world}"
+        results = run_ranks(train_args(config, run_dir, f"train.zero_stage={stage}", f"data.batch_size={8 // world}"),
+                            world, tmp_path)
+        results.assert_clean()
+        assert "non-finite loss at step" in results.outputs[0]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["optim/skipped_nonfinite"] >= 1
+        assert all(np.isfinite(r["loss/total"]) for r in records if "loss/total" in r)
+        objective, _ = trained_objective(run_dir / "checkpoints" / tag_for(10))
+        assert all(torch.isfinite(p).all() for p in objective.parameters())

@@ -91,3 +91,35 @@ def test_demo_data_reuses_a_complete_split_only_for_the_same_seed(tmp_path):
     assert shard.read_bytes() == first
     make_demo_data(tmp_path, scale=0.01, seed=1, splits=["knn_val_2d"], progress=False)
     assert shard.read_bytes() != first
+
+
+def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_path):
+    data = tmp_path / "demo_data"
+    make_demo_data(data, scale=0.02, splits=["pretrain_2d", "knn_train_2d", "knn_val_2d"], progress=False)
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "tools.cli", "train", "configs/dino/demo.yaml", f"train.run_dir={run}",
+        f"data.train={data / 'pretrain_2d'}", f"eval.knn_train={data / 'knn_train_2d'}", f"eval.knn_val={data / 'knn_val_2d'}",
+        "train.steps=4", "train.log_every=2", "data.batch_size=8", "data.num_workers=1", "model.preset=nano",
+        "train.progress=false", "eval.batch_size=16",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(teacher " in proc.stdout + proc.stderr and "student " in proc.stdout + proc.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/dino", "loss/ibot", "loss/koleo", "dino/teacher_temp", "dino/momentum",
+            "eval/knn_top1_teacher", "eval/knn_top1_student"} <= tags, tags
+    temps = [e.value for e in events.Scalars("dino/teacher_temp")]
+    assert temps == sorted(temps) and temps[0] >= 0.04
+    # The export is the teacher, and timm loads it strictly.
+    from tools.export import load_into_timm, trained_objective
+
+    import torch
+
+    objective, _ = trained_objective(run / "checkpoints" / "step_00000004")
+    model = load_into_timm(run / "export")
+    teacher = objective.teacher.backbone.state_dict()
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])

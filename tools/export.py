@@ -29,6 +29,9 @@ CONFIG = "config.json"
 def trained_objective(ckpt: Path):
     """(objective with the checkpoint's fp32 weights, its RunConfig)."""
     cfg = load_config(ckpt / "config.yaml")
+    if getattr(cfg.objective, "init_from", ""):
+        # The checkpoint holds every weight: the run's starting weights need not exist here any more.
+        cfg.objective.init_from = ""
     objective = build_objective(cfg)
     missing, unexpected = objective.load_state_dict(fp32_state_dict(ckpt), strict=False)
     # What DeepSpeed does not hold in fp32 (an EMA teacher) comes from the per-rank states.

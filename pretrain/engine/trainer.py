@@ -5,6 +5,7 @@ set_progress, after_step, encoder, flops_per_sample); never a single method.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -90,6 +91,9 @@ class Trainer:
         kernels.configure(attention=cfg.kernels.attention, patch_embed=cfg.kernels.patch_embed)
 
         seed_all(cfg.train.seed)  # identical initial weights on every rank
+        if getattr(cfg.objective, "init_from", "") and ckpt.latest_tag(self.ckpt_dir) is not None:
+            # Resuming: the checkpoint holds every weight, the starting weights need not exist any more.
+            cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, init_from=""))
         objective = build_objective(cfg)
         optimizer = build_optimizer(objective, cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import random
+import sys
 import time
 from collections import defaultdict
 from functools import partial
@@ -291,9 +292,8 @@ class Trainer:
         if self.cfg.train.grad_accum > 1:
             raise FloatingPointError(f"non-finite loss at {where}; skipping needs train.grad_accum=1")
         self.history["skipped_nonfinite"] = self.history.get("skipped_nonfinite", 0) + 1
-        log.warning("[medpretrain] non-finite loss at %s: step skipped (%d so far)", where,
-                    self.history["skipped_nonfinite"])
-        print(f"[medpretrain] non-finite loss at {where}: step skipped", flush=True)
+        print(f"[medpretrain] non-finite loss at {where}: step skipped "
+              f"({self.history['skipped_nonfinite']} so far)", file=sys.stderr, flush=True)
 
     def _unpartitioned_grad_norm(self) -> float | None:
         """Pre-clip global grad norm where DeepSpeed does not report one (ZeRO-0 in fp32)."""

@@ -55,12 +55,17 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def config_file(tmp_path_factory: pytest.TempPathFactory, name: str, cfg: dict) -> Path:
+    """``cfg`` written as ``<name>.yaml`` in a fresh temporary folder."""
+    path = tmp_path_factory.mktemp(f"{name}_config") / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_yaml(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
     """The tiny config as a YAML file; tests vary it with dotted overrides."""
-    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(demo_shards), sort_keys=False))
-    return path
+    return config_file(tmp_path_factory, "tiny", tiny_config(demo_shards))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from pretrain.engine.checkpoint import tag_for
-from tests.engine.conftest import loss_curve, run_ranks, tiny_config, train_args
+from tests.engine.conftest import config_file, loss_curve, run_ranks, tiny_config, train_args
 from tests.engine.test_resume import _kill_and_resume
 from tools.export import trained_objective
 
@@ -34,9 +34,7 @@ def dino_config(shards: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def dino_yaml(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
-    path = tmp_path_factory.mktemp("dino_configs") / "dino.yaml"
-    path.write_text(yaml.safe_dump(dino_config(demo_shards), sort_keys=False))
-    return path
+    return config_file(tmp_path_factory, "dino", dino_config(demo_shards))
 
 
 def _teacher(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:

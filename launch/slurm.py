@@ -15,7 +15,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,7 +67,6 @@ class SlurmOptions:
     max_retries: int = 1
     max_requeues: int = 20
     max_concurrent: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def ntasks_per_node(self) -> int:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
@@ -101,7 +100,7 @@ class SlurmOptions:
             "srun_args": ["--kill-on-bad-exit=1"],
             "setup": [f"export OMP_NUM_THREADS={threads}", "export PYTHONUNBUFFERED=1"],
             # Requeue (by us on a time limit, by SLURM on preemption) needs a requeueable job.
-            "additional_parameters": {"requeue": True, **self.extra},
+            "additional_parameters": {"requeue": True},
         }
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
@@ -200,7 +199,7 @@ def submit_sweep(config: str | Path, overrides: Sequence[str], sweep_file: str |
         _write_json(Path(run["run_dir"]) / "launch" / JOB_RECORD,
                     {"job_id": run["job_id"], "run_dir": run["run_dir"], "logs": str(folder), "submitted": time.time()})
     record = {"name": sweep.name, "sweep_file": str(Path(sweep_file).resolve()), "runs": runs,
-              "array_job_id": runs[0]["job_id"].split("_")[0] if runs else None, "sbatch": params}
+              "array_job_id": runs[0]["job_id"].split("_")[0], "sbatch": params}
     _write_json(root / SWEEP_RECORD, record)
     return record
 
@@ -230,14 +229,14 @@ def _launch_slurm_cli(args: argparse.Namespace) -> int:
         print(record["script"])
         return 0
     if args.sweep:
-        print(f"submitted array job {record['array_job_id']} with {len(record['runs'])} runs under "
-              f"{Path(record['runs'][0]['run_dir']).parent if record['runs'] else args.sweep_dir}")
+        follow = Path(record["runs"][0]["run_dir"]).parent
+        print(f"submitted array job {record['array_job_id']} with {len(record['runs'])} runs under {follow}")
         for run in record["runs"]:
             print(f"  {run['job_id']:>12}  {run['run_dir']}")
     else:
-        print(f"submitted job {record['job_id']}; run directory {record['run_dir']} (logs in {record['logs']})")
-    print("follow it with: pretrain launch status " + (str(Path(record["runs"][0]["run_dir"]).parent)
-                                                       if args.sweep and record["runs"] else record.get("run_dir", "")))
+        follow = record["run_dir"]
+        print(f"submitted job {record['job_id']}; run directory {follow} (logs in {record['logs']})")
+    print(f"follow it with: pretrain launch status {follow}")
     return 0
 
 

@@ -130,3 +130,27 @@ def test_non_finite_loss_is_reported_and_skipped(tmp_path: Path):
         assert all(np.isfinite(r["loss/total"]) for r in records if "loss/total" in r)
         objective, _ = trained_objective(run_dir / "checkpoints" / tag_for(10))
         assert all(torch.isfinite(p).all() for p in objective.parameters())
+
+
+def test_zero3_teacher_equals_the_closed_form_ema_of_the_checkpointed_students(dino_yaml: Path, tmp_path: Path):
+    """teacher_k = m^k * student_0 + sum_i (1 - m) m^(k-i) * student_i, with student_i read back from each
+    step's checkpoint of a two-process ZeRO-3 run and student_0 rebuilt from the seed."""
+    from pretrain.config import load_config
+    from pretrain.engine.trainer import seed_all
+    from pretrain.objectives import build_objective
+
+    m, k = 0.9, 4
+    run_dir = tmp_path / "run"
+    args = ["train.zero_stage=3", f"train.steps={k}", "train.ckpt_every=1", f"train.keep_checkpoints={k}",
+            f"objective.momentum_start={m}", f"objective.momentum_end={m}"]
+    run_ranks(train_args(dino_yaml, run_dir, *args), 2, tmp_path).assert_clean()
+    cfg = load_config(run_dir / "checkpoints" / tag_for(k) / "config.yaml")
+    seed_all(cfg.train.seed)
+    expected = {n: (m ** k) * v.double() for n, v in build_objective(cfg).student.state_dict().items()}
+    for i in range(1, k + 1):
+        student = trained_objective(run_dir / "checkpoints" / tag_for(i))[0].student.state_dict()
+        for n in expected:
+            expected[n] += (1 - m) * m ** (k - i) * student[n].double()
+    got = _teacher(run_dir, k)
+    for n in expected:
+        assert torch.allclose(got[n].double(), expected[n], rtol=1e-6, atol=1e-7), n

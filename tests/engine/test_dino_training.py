@@ -154,3 +154,14 @@ def test_zero3_teacher_equals_the_closed_form_ema_of_the_checkpointed_students(d
     got = _teacher(run_dir, k)
     for n in expected:
         assert torch.allclose(got[n].double(), expected[n], rtol=1e-6, atol=1e-7), n
+
+
+def test_batch_of_one_per_rank_in_bf16_trains_finite(dino_yaml: Path, tmp_path: Path):
+    """KoLeo has no neighbour and Sinkhorn-Knopp two samples in all: the reference code's NaN case."""
+    run_dir = tmp_path / "run"
+    results = run_ranks(train_args(dino_yaml, run_dir, "data.batch_size=1", "train.precision=bf16", "train.zero_stage=2"),
+                        2, tmp_path)
+    results.assert_clean()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all(np.isfinite(r["loss/total"]) and r["optim/skipped_nonfinite"] == 0 for r in records), records

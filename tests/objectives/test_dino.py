@@ -166,3 +166,21 @@ def test_continued_pretraining_starts_student_and_teacher_from_the_given_weights
         assert torch.allclose(got["patch_embed.proj.weight"], source.patch_embed.proj.weight.sum(dim=1, keepdim=True))
     assert obj.init_report["loaded"] > 0
 
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_ibot_uses_its_own_head_only_when_asked(separate):
+    """With the DINO loss weighted 0, the DINO head learns only through iBOT: when the head is shared."""
+    torch.manual_seed(0)
+    obj = build_objective(_config(separate_ibot_head=separate, ibot_prototypes=32, mask_probability=1.0,
+                                  dino_weight=0.0, koleo_weight=0.0))
+    assert (obj.student.patch_head() is obj.student.ibot_head) == separate
+    batch = obj.collate([obj.transform(s) for s in _samples(2)])
+    obj(batch)["loss"].backward()
+    dino_grad = obj.student.dino_head.last_layer_v.grad
+    if separate:
+        assert obj.student.ibot_head.last_layer_v.shape[0] == 32
+        assert obj.student.ibot_head.last_layer_v.grad.abs().sum() > 0
+        assert dino_grad is None or dino_grad.abs().sum() == 0
+    else:
+        assert dino_grad.abs().sum() > 0

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.slurm_job import TrainTask
+from launch.slurm_job import JOB_RECORD, SWEEP_RECORD, TrainTask
+from launch.status import queue_states
 from launch.sweep import SweepPoint, load_sweep
 
-JOB_RECORD = "job.json"
-SWEEP_RECORD = "sweep.json"
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 
 
@@ -122,6 +121,18 @@ def sbatch_script(folder: str | Path, params: dict[str, Any], array_size: int | 
     return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **params)
 
 
+def _check_not_queued(run_dir: Path) -> None:
+    """Refuse a run directory that a job still queued or running writes to: two jobs would mix their checkpoints."""
+    record = run_dir / "launch" / JOB_RECORD
+    if not record.is_file():
+        return
+    job_id = json.loads(record.read_text())["job_id"]
+    state = queue_states([job_id]).get(job_id)
+    if state is not None:
+        raise ValueError(f"{run_dir} belongs to job {job_id}, still {state[0].lower()}: "
+                         f"wait for it, `scancel {job_id}`, or choose another train.run_dir")
+
+
 def _prepare_run(config: str | Path, overrides: Sequence[str], run_dir: Path | None) -> tuple[Path, Path]:
     """Validate ``config`` + ``overrides``; save the resolved config in its run dir; (run_dir, saved config)."""
     from pretrain.config import dump_config, load_config
@@ -129,6 +140,7 @@ def _prepare_run(config: str | Path, overrides: Sequence[str], run_dir: Path | N
     extra = [f"train.run_dir={run_dir}"] if run_dir is not None else []
     cfg = load_config(config, [*overrides, *extra])
     run_dir = Path(cfg.train.run_dir).resolve()
+    _check_not_queued(run_dir)
     cfg.train.run_dir = str(run_dir)
     saved = run_dir / "launch" / "config.yaml"
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +195,7 @@ def submit_sweep(config: str | Path, overrides: Sequence[str], sweep_file: str |
             load_config(config, [*overrides, *point.overrides, f"train.run_dir={root / point.name}"])
         except Exception as e:
             raise ValueError(f"{sweep_file}: point {point.index} ({' '.join(point.overrides)}): {e}") from None
+        _check_not_queued(root / point.name)
     folder = root / "slurm"
     if dry_run:
         return {"script": sbatch_script(folder, params, array_size=len(points)), "points": [p.name for p in points]}

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 EVENTS = "events.jsonl"
+JOB_RECORD = "job.json"  # RUN_DIR/launch/job.json: the job id, written at submission
+SWEEP_RECORD = "sweep.json"  # SWEEP_DIR/sweep.json: the points, their run dirs and array task ids
 PORT_BASE, PORT_SPAN = 20000, 40000
 
 

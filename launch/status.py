@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.slurm import JOB_RECORD, SWEEP_RECORD
-from launch.slurm_job import read_events
+from launch.slurm_job import JOB_RECORD, SWEEP_RECORD, read_events
 
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 _PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}

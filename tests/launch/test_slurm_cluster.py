@@ -143,7 +143,13 @@ def test_interrupted_job_resumes_to_the_same_final_loss(interrupt, reference_run
 def test_failing_job_is_retried_a_bounded_number_of_times(cluster, slurm_yaml, tmp_path):
     run_dir = tmp_path / "run"
     missing = tmp_path / "no_such_shards"
-    job_id = submit_run(slurm_yaml, [f"train.run_dir={run_dir}", f"data.train={missing}"], SlurmOptions(**TWO_RANKS))["job_id"]
+    args = [f"train.run_dir={run_dir}", f"data.train={missing}"]
+    job_id = submit_run(slurm_yaml, args, SlurmOptions(**TWO_RANKS))["job_id"]
+    # A second job into a run directory whose job is still queued or running is refused before it writes anything.
+    saved = (run_dir / "launch" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=f"belongs to job {job_id}"):
+        submit_run(slurm_yaml, [*args, "optim.lr=1.0"], SlurmOptions(**TWO_RANKS))
+    assert (run_dir / "launch" / "config.yaml").read_text() == saved
     _wait(lambda: any(e["event"] == "failed" for e in read_events(run_dir)), "the retried job to fail for good",
           run_dir=run_dir)
     _wait(lambda: not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip(),

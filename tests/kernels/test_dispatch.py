@@ -14,12 +14,6 @@ import kernels
 from kernels import dispatch, torch_ops
 
 
-@pytest.fixture(autouse=True)
-def _restore_defaults():
-    yield
-    kernels.configure()
-
-
 def reference_attention(q, k, v, keep_BN=None):
     """softmax(q k^T / sqrt(d)) v in float64, padded keys at -inf."""
     q, k, v = (t.double() for t in (q, k, v))

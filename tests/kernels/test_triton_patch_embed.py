@@ -7,24 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from tests.kernels.conftest import DEVICE, skip_unless_triton_usable
 
-pytest.importorskip("triton")
-from kernels import triton_backends  # noqa: E402 - after the skip when triton is absent
+pytestmark = skip_unless_triton_usable()
 from kernels import triton_patch_embed as tpe  # noqa: E402 - after the skip when triton is absent
 from pretrain.models.vit import ViTConfig, VisionTransformer  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# On CPU the kernels need the interpreter, which tests/conftest.py turns on before triton is imported.
-pytestmark = pytest.mark.skipif(
-    triton_backends.triton_environment(torch.device(DEVICE)) is not None,
-    reason=f"triton backend unusable: {triton_backends.triton_environment(torch.device(DEVICE))}",
-)
-
-
-@pytest.fixture(autouse=True)
-def _restore_defaults():
-    yield
-    kernels.configure()
 
 
 def conv_reference(x, weight, bias, patch, pos_embed):

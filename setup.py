@@ -1,5 +1,11 @@
 from setuptools import find_packages, setup
 
+# The repository's top-level folders install under one import root, ``pretrain``:
+# PyPI already has packages named ``kernels``, ``tools`` and ``launch`` (transformers
+# probes for Hugging Face's ``kernels``), so none of ours may be a top-level name.
+ROOTS = {"pretrain": "pretrain", "pretrain.kernels": "kernels", "pretrain.launch": "launch", "pretrain.tools": "tools"}
+PACKAGES = [sub for root, folder in ROOTS.items() for sub in [root, *(f"{root}.{p}" for p in find_packages(folder))]]
+
 setup(
     name="medpretrain",
     version="0.1.0",
@@ -7,7 +13,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pretrain*", "kernels*", "launch*", "tools*"]),
+    packages=PACKAGES,
+    package_dir=ROOTS,
+    package_data={"pretrain.tools": ["*.sh"]},
     include_package_data=True,
     install_requires=[
         # torch and torchvision must be a matching pair; the regular (CUDA) build
@@ -36,5 +44,5 @@ setup(
         "dicom-codecs": ["pylibjpeg>=2", "pylibjpeg-libjpeg>=2", "pylibjpeg-openjpeg>=2"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
-    entry_points={"console_scripts": ["pretrain=tools.cli:main"]},
+    entry_points={"console_scripts": ["pretrain=pretrain.tools.cli.main:main"]},
 )

@@ -1,6 +1,6 @@
 """Fast kernels behind one dispatcher: attention and patch embedding.
 
-    import kernels
+    from pretrain import kernels
     out = kernels.attention(q, k, v, key_padding_mask=keep_BN)   # True = keep
     tokens_BND = kernels.patch_embed(x, weight, bias, patch_size=16)
     kernels.configure(attention="flash_attn")                    # process default
@@ -11,7 +11,7 @@ backend; on CPU it runs only under TRITON_INTERPRET=1 and only when selected
 explicitly); optional libraries (flash-attn, xformers) are probed once by their backends.
 """
 
-from kernels.dispatch import (
+from pretrain.kernels.dispatch import (
     Backend,
     attention,
     available_backends,
@@ -22,7 +22,7 @@ from kernels.dispatch import (
     register_backend,
     resolve,
 )
-from kernels import triton_backends  # noqa: F401 - registers the "triton" backends
+from pretrain.kernels import triton_backends  # noqa: F401 - registers the "triton" backends
 
 __all__ = [
     "Backend",

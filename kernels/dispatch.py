@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import torch_ops
+from pretrain.kernels import torch_ops
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from kernels.dispatch import register_backend
+from pretrain.kernels.dispatch import register_backend
 
 _ATTENTION_PRIORITY_CUDA = 5  # torch 0 < triton < xformers 10 < flash_attn 20
 _PATCH_EMBED_PRIORITY_CUDA = 20  # conv 0 < torch 10 < triton
@@ -28,8 +28,8 @@ _PRIORITY_OFF_CUDA = -10  # below every PyTorch backend: never "auto" on CPU
 def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
     """(attention module, patch-embed module, "") when triton imports, else (None, None, why not)."""
     try:
-        attention_module = importlib.import_module("kernels.triton_attention")
-        patch_embed_module = importlib.import_module("kernels.triton_patch_embed")
+        attention_module = importlib.import_module("pretrain.kernels.triton_attention")
+        patch_embed_module = importlib.import_module("pretrain.kernels.triton_patch_embed")
     except Exception as err:  # a broken triton install raises more than ImportError
         return None, None, f"import triton failed: {type(err).__name__}: {err}"
     return attention_module, patch_embed_module, ""

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from launch.local import add_local_parser
-from launch.slurm import add_slurm_parser
-from launch.status import add_status_parser
+from pretrain.launch.local import add_local_parser
+from pretrain.launch.slurm import add_slurm_parser
+from pretrain.launch.status import add_status_parser
 
 
 class OverridesAnywhereParser(argparse.ArgumentParser):

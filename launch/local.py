@@ -270,7 +270,7 @@ def check_gpu_count(nproc: int) -> None:
 
 def train_command(config: str | Path, overrides: Sequence[str]) -> list[str]:
     """argv of one rank of ``pretrain train CONFIG [overrides]``, run by this interpreter."""
-    return [sys.executable, "-m", "tools.cli", "train", str(config), *overrides]
+    return [sys.executable, "-m", "pretrain.tools.cli.main", "train", str(config), *overrides]
 
 
 def launch_local(config: str | Path, overrides: Sequence[str], nproc: int, *, master_port: int | None = None,

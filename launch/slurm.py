@@ -3,7 +3,7 @@
 The submitting side validates the whole config (every sweep point) before
 anything is queued, saves each run's resolved config in its run directory
 (``RUN_DIR/launch/config.yaml``: what the job will train, whatever happens to
-the YAML file later), and hands submitit one :class:`launch.slurm_job.TrainTask`
+the YAML file later), and hands submitit one :class:`pretrain.launch.slurm_job.TrainTask`
 per run. One SLURM task per GPU; ``--dry-run`` prints the sbatch script
 submitit would submit and queues nothing.
 """
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.slurm_job import JOB_RECORD, SWEEP_RECORD, TrainTask
-from launch.status import queue_states
-from launch.sweep import SweepPoint, load_sweep
+from pretrain.launch.slurm_job import JOB_RECORD, SWEEP_RECORD, TrainTask
+from pretrain.launch.status import queue_states
+from pretrain.launch.sweep import SweepPoint, load_sweep
 
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 

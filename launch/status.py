@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.slurm_job import JOB_RECORD, SWEEP_RECORD, read_events
+from pretrain.launch.slurm_job import JOB_RECORD, SWEEP_RECORD, read_events
 
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 _PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 
-from tools.demo_data import make_demo_data
-from tools.phantoms import CLASSES, ct_volume, radiograph
+from pretrain.tools.demo.data import make_demo_data
+from pretrain.tools.demo.phantoms import CLASSES, ct_volume, radiograph
 
 
 def test_phantoms_are_balanced_native_dtype_and_class_independent_in_intensity():
@@ -29,7 +29,7 @@ def test_demo_run_end_to_end(tmp_path):
     assert counts == {"pretrain_2d": 160, "knn_train_2d": 20, "knn_val_2d": 10}
     run = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "tools.cli", "train", "configs/demo.yaml", f"train.run_dir={run}",
+        sys.executable, "-m", "pretrain.tools.cli.main", "train", "configs/demo.yaml", f"train.run_dir={run}",
         f"data.train={data / 'pretrain_2d'}", f"eval.knn_train={data / 'knn_train_2d'}", f"eval.knn_val={data / 'knn_val_2d'}",
         "train.steps=4", "train.ckpt_every=2", "train.image_log_every=2", "data.batch_size=8", "data.num_workers=1",
         "model.preset=nano", "train.progress=false", "eval.batch_size=16",
@@ -59,7 +59,7 @@ def test_eval_knn_command_on_export_run_dir_and_random_init(tmp_path, capsys):
 
     from pretrain.config import load_config
     from pretrain.models.vit import VisionTransformer
-    from tools.cli import main
+    from pretrain.tools.cli.main import main
 
     data = tmp_path / "d"
     make_demo_data(data, scale=0.02, splits=["knn_train_2d", "knn_val_2d"], progress=False)
@@ -98,7 +98,7 @@ def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_pat
     make_demo_data(data, scale=0.02, splits=["pretrain_2d", "knn_train_2d", "knn_val_2d"], progress=False)
     run = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "tools.cli", "train", "configs/dino/demo.yaml", f"train.run_dir={run}",
+        sys.executable, "-m", "pretrain.tools.cli.main", "train", "configs/dino/demo.yaml", f"train.run_dir={run}",
         f"data.train={data / 'pretrain_2d'}", f"eval.knn_train={data / 'knn_train_2d'}", f"eval.knn_val={data / 'knn_val_2d'}",
         "train.steps=4", "train.log_every=2", "data.batch_size=8", "data.num_workers=1", "model.preset=nano",
         "train.progress=false", "eval.batch_size=16",
@@ -115,7 +115,7 @@ def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_pat
     temps = [e.value for e in events.Scalars("dino/teacher_temp")]
     assert temps == sorted(temps) and temps[0] >= 0.04
     # The export is the teacher, and timm loads it strictly.
-    from tools.export import load_into_timm, trained_objective
+    from pretrain.tools.export.encoder import load_into_timm, trained_objective
 
     import torch
 

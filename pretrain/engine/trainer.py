@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import kernels
+from pretrain import kernels
 from pretrain.config import RunConfig, dump_config
 from pretrain.data.stream import ShardStream, StreamSource, expand_shards, make_loader
 from pretrain.data.transforms import eval_view

@@ -6,7 +6,7 @@ Attention and patch embedding run through ``kernels`` only.
 import torch
 import torch.nn as nn
 
-import kernels
+from pretrain import kernels
 
 
 class PatchEmbed(nn.Module):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import kernels
+from pretrain import kernels
 from pretrain.models.blocks import Block, LayerScale, PatchEmbed
 from pretrain.models.pos_embed import resample_pos_embed, sincos_pos_embed
 from pretrain.models.presets import VIT_PRESETS, get_preset

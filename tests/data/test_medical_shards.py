@@ -18,13 +18,14 @@ import webdataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-import tools.medical_shards as medical
+import pretrain.tools.ingest.medical as medical
 from pretrain.data.codec import decode_sample
 from pretrain.data.dicom import load_dicom_series
 from pretrain.data.manifest import read_manifest, shard_paths, verify_shards
 from pretrain.data.privacy import SaltError, hashed_key, load_salt, safe_metadata
 from pretrain.data.splits import assign_split, parse_split_ratios
-from tools.medical_shards import add_medical_parser, write_medical_shards
+from pretrain.tools.ingest.cli import add_medical_parser
+from pretrain.tools.ingest.medical import write_medical_shards
 
 SALT = "test-salt-0123456789abcdef"
 CT = get_testdata_file("CT_small.dcm")
@@ -227,7 +228,7 @@ def test_cli_parser_runs_medical_conversion(dataset, tmp_path: Path, capsys):
 
 _SLOW_CONVERSION = """
 import sys, time
-import tools.medical_shards as medical
+import pretrain.tools.ingest.medical as medical
 real = medical.convert_item
 def slow_convert(item, *args):
     time.sleep(0.15)
@@ -291,7 +292,7 @@ def test_trainer_stream_reads_converted_dicom_and_nifti(dataset, tmp_path: Path)
 
 
 def test_shards_write_recognises_dicom_and_nifti_without_flags(dataset, tmp_path: Path, monkeypatch, capsys):
-    from tools.cli import main
+    from pretrain.tools.cli.main import main
 
     src, _, ids = dataset
     for name in ("Doe_Jane", "Roe_Rick"):  # DICOM files without extension, found by content

@@ -13,7 +13,7 @@ import tifffile
 import webdataset
 from PIL import Image
 
-import tools.shards as shards_module
+import pretrain.tools.ingest.images as shards_module
 from pretrain.data.codec import decode_sample
 from pretrain.data.manifest import (
     FORMAT,
@@ -24,7 +24,8 @@ from pretrain.data.manifest import (
     verify_shards,
     write_manifest,
 )
-from tools.shards import add_shards_parser, sample_key, write_shards
+from pretrain.tools.ingest.cli import add_shards_parser
+from pretrain.tools.ingest.images import sample_key, write_shards
 
 RNG = np.random.default_rng(1)
 
@@ -149,7 +150,7 @@ def test_corrupt_files_are_reported_and_skipped(source: tuple[Path, dict], tmp_p
     (src / "ct" / "cut.npy").write_bytes((src / "ct" / "cut.npy").read_bytes()[:200])
     (src / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="tools.shards"):
+    with caplog.at_level(logging.WARNING, logger="pretrain.tools.ingest.images"):
         manifest = write_shards(src, out, labels_csv=tmp_path / "labels.csv", progress=False)
 
     assert manifest["num_failed"] == 3 and manifest["num_samples"] == len(expected) + 1

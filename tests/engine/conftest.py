@@ -17,11 +17,11 @@ from typing import Callable
 import pytest
 import yaml
 
-from launch.local import LocalRanks, rank_environment
+from pretrain.launch.local import LocalRanks, rank_environment
 from pretrain.engine.distributed import free_port
 
-# `python -m tools.cli` is the `pretrain` console command, without relying on the venv's bin/ being on PATH.
-PRETRAIN = [sys.executable, "-m", "tools.cli"]
+# `python -m pretrain.tools.cli.main` is the `pretrain` console command, without relying on the venv's bin/ being on PATH.
+PRETRAIN = [sys.executable, "-m", "pretrain.tools.cli.main"]
 DEMO_SPLITS = ["pretrain_2d", "knn_train_2d", "knn_val_2d"]
 RUN_TIMEOUT_S = 240.0
 FAILURE_GRACE_S = 10.0  # after one rank fails, how long the others may take to fail by themselves
@@ -48,7 +48,7 @@ def tiny_config(shards: Path) -> dict:
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 2D demo splits at 5% scale (400 pretraining images in one shard), made once per session."""
-    from tools.demo_data import make_demo_data
+    from pretrain.tools.demo.data import make_demo_data
 
     out = tmp_path_factory.mktemp("demo_shards")
     make_demo_data(out, scale=0.05, splits=DEMO_SPLITS, progress=False)

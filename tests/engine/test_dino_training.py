@@ -16,7 +16,7 @@ import yaml
 from pretrain.engine.checkpoint import tag_for
 from tests.engine.conftest import config_file, loss_curve, run_ranks, tiny_config, train_args
 from tests.engine.test_resume import _kill_and_resume
-from tools.export import trained_objective
+from pretrain.tools.export.encoder import trained_objective
 
 STEPS = 6
 

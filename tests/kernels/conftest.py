@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from pretrain import kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -16,7 +16,7 @@ def skip_unless_triton_usable():
     kernels need the interpreter, which tests/conftest.py turns on before triton is imported.
     """
     pytest.importorskip("triton")
-    from kernels import triton_backends
+    from pretrain.kernels import triton_backends
 
     reason = triton_backends.triton_environment(torch.device(DEVICE))
     return pytest.mark.skipif(reason is not None, reason=f"triton backend unusable: {reason}")

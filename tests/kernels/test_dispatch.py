@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import dispatch, torch_ops
+from pretrain import kernels
+from pretrain.kernels import dispatch, torch_ops
 
 
 def reference_attention(q, k, v, keep_BN=None):
@@ -199,7 +199,7 @@ def test_a_new_backend_is_one_entry_and_auto_respects_its_checks(monkeypatch):
 def test_backend_choice_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "_LOGGED", set())
     q, k, v = random_qkv()
-    with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="pretrain.kernels.dispatch"):
         kernels.attention(q, k, v)
         kernels.attention(q, k, v)
     records = [r.getMessage() for r in caplog.records if "attention runs on backend" in r.getMessage()]

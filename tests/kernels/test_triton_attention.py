@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-import kernels
+from pretrain import kernels
 from tests.kernels.conftest import DEVICE, skip_unless_triton_usable
 
 pytestmark = skip_unless_triton_usable()
-from kernels import triton_attention as ta  # noqa: E402 - after the skip when triton is absent
+from pretrain.kernels import triton_attention as ta  # noqa: E402 - after the skip when triton is absent
 
 
 def reference(q, k, v, keep_BN=None):

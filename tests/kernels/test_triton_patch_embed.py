@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from pretrain import kernels
 from tests.kernels.conftest import DEVICE, skip_unless_triton_usable
 
 pytestmark = skip_unless_triton_usable()
-from kernels import triton_patch_embed as tpe  # noqa: E402 - after the skip when triton is absent
+from pretrain.kernels import triton_patch_embed as tpe  # noqa: E402 - after the skip when triton is absent
 from pretrain.models.vit import ViTConfig, VisionTransformer  # noqa: E402
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.local import launch_local, rank_environment, run_rank_commands, threads_per_rank
+from pretrain.launch.local import launch_local, rank_environment, run_rank_commands, threads_per_rank
 from tests.engine.conftest import tiny_config
-from tools.cli import build_parser
+from pretrain.tools.cli.main import build_parser
 
 
 @pytest.fixture(scope="module")
 def tiny_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tools.demo_data import make_demo_data
+    from pretrain.tools.demo.data import make_demo_data
 
     shards = tmp_path_factory.mktemp("launch_shards")
     make_demo_data(shards, scale=0.05, splits=["pretrain_2d"], progress=False)
@@ -135,7 +135,7 @@ def test_all_ranks_succeeding_exits_zero_and_logs_per_rank(tmp_path: Path, capfd
 def test_sigterm_to_the_launcher_ends_every_rank(tmp_path: Path):
     launcher = f"""
         import sys
-        from launch.local import run_rank_commands
+        from pretrain.launch.local import run_rank_commands
         sleeper = [sys.executable, "-c", {textwrap.dedent(SLEEPER)!r}]
         sys.exit(run_rank_commands([sleeper + [{str(tmp_path / 'pids0')!r}], sleeper + [{str(tmp_path / 'pids1')!r}]],
                                    grace=0.5, term_timeout=2.0))
@@ -193,7 +193,7 @@ def test_more_ranks_than_gpus_is_refused_before_starting(tiny_yaml: Path, monkey
 
 
 def test_cli_reports_bad_arguments_without_a_traceback(tiny_yaml: Path, capsys):
-    from tools.cli import main
+    from pretrain.tools.cli.main import main
 
     assert main(["launch", "local", str(tiny_yaml), "--nproc", "0"]) == 2
     assert "--nproc must be at least 1" in capsys.readouterr().err

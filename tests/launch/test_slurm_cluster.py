@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.slurm import SlurmOptions, submit_run, submit_sweep
-from launch.slurm_job import read_events
-from launch.status import collect
+from pretrain.launch.slurm import SlurmOptions, submit_run, submit_sweep
+from pretrain.launch.slurm_job import read_events
+from pretrain.launch.status import collect
 from pretrain.engine.checkpoint import tag_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def cluster() -> None:
 def slurm_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trainer tests' tiny MAE run, long enough (300 steps of ~30 ms) to be interrupted in the middle."""
     from tests.engine.conftest import tiny_config
-    from tools.demo_data import make_demo_data
+    from pretrain.tools.demo.data import make_demo_data
 
     shards = tmp_path_factory.mktemp("slurm_shards")
     make_demo_data(shards, scale=0.05, splits=["pretrain_2d"], progress=False)
@@ -182,7 +182,7 @@ def test_sweep_runs_as_one_array_with_a_concurrency_limit_and_reports_status(clu
     assert len({r["loss"] for r in rows}) == 3, "three learning rates gave identical losses"
     for run, lr in zip(record["runs"], [1e-3, 3e-3, 1e-2]):
         assert yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())["optim"]["lr"] == lr
-    cli = subprocess.run([sys.executable, "-m", "tools.cli", "launch", "status", str(sweep_dir)],
+    cli = subprocess.run([sys.executable, "-m", "pretrain.tools.cli.main", "launch", "status", str(sweep_dir)],
                          capture_output=True, text=True, cwd=REPO)
     assert cli.returncode == 0, cli.stderr
     lines = cli.stdout.strip().splitlines()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.slurm import SlurmOptions, submit_run, submit_sweep, time_minutes
-from launch.slurm_job import job_id_of, read_events, rendezvous_env, rendezvous_port, write_event
-from launch.status import collect, format_table
-from launch.sweep import load_sweep
+from pretrain.launch.slurm import SlurmOptions, submit_run, submit_sweep, time_minutes
+from pretrain.launch.slurm_job import job_id_of, read_events, rendezvous_env, rendezvous_port, write_event
+from pretrain.launch.status import collect, format_table
+from pretrain.launch.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,7 +159,7 @@ def test_bad_point_is_refused_before_anything_is_queued(tmp_path):
 
 
 def test_cli_dry_run_and_usage_errors(tmp_path):
-    cli = [sys.executable, "-m", "tools.cli", "launch", "slurm", str(REPO / "configs" / "demo.yaml")]
+    cli = [sys.executable, "-m", "pretrain.tools.cli.main", "launch", "slurm", str(REPO / "configs" / "demo.yaml")]
     ok = subprocess.run([*cli, "--time", "10", "--nodes", "2", "--gpus-per-node", "4", "--dry-run",
                          f"train.run_dir={tmp_path}/r"], capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr

@@ -207,7 +207,7 @@ def test_channel_rule_keeps_the_grey_response(tmp_path, chans):
 
 def test_own_export_and_checkpoint_round_trip(tmp_path):
     """(8) Our export folder (as tools/export.py writes it) and a DeepSpeed checkpoint of a run."""
-    from tools.export import CONFIG, WEIGHTS, fp32_state_dict, load_exported_encoder, resolve_checkpoint
+    from pretrain.tools.export.encoder import CONFIG, WEIGHTS, fp32_state_dict, load_exported_encoder, resolve_checkpoint
 
     torch.manual_seed(5)
     cfg = ViTConfig(preset="nano", img_size=32, patch_size=8, num_register_tokens=2, layer_scale_init=1e-4)

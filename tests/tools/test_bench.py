@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pretrain.engine.distributed import free_port
-from tools.bench import default_out, format_table
-from tools.bench_step import differing_weights, summarize
-from tools.cli import main
-from tools.demo_data import make_demo_data
+from pretrain.tools.bench.common import default_out, format_table
+from pretrain.tools.bench.step import differing_weights, summarize
+from pretrain.tools.cli.main import main
+from pretrain.tools.demo.data import make_demo_data
 
 HEAD_KEYS = {"benchmark", "created", "options", "device", "versions", "config", "summary"}
 VERSION_KEYS = {"python", "torch", "deepspeed", "webdataset", "timm", "numpy"}

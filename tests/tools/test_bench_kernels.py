@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tools import bench_kernels
-from tools.bench import BenchInputError
-from tools.cli import main
+from pretrain.tools.bench import kernels as bench_kernels
+from pretrain.tools.bench.common import BenchInputError
+from pretrain.tools.cli.main import main
 
 
 @pytest.fixture

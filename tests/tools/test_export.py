@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 from pretrain.config import load_config
-from tools.demo_data import make_demo_data
-from tools.export import export_encoder, load_exported_encoder, load_into_timm
+from pretrain.tools.demo.data import make_demo_data
+from pretrain.tools.export.encoder import export_encoder, load_exported_encoder, load_into_timm
 
 TINY = [
     "model.preset=nano", "model.img_size=32", "objective.decoder_dim=32", "objective.decoder_depth=1",
@@ -34,7 +34,7 @@ def test_export_loads_into_timm_strict_with_same_features(tmp_path, shards, stag
     overrides = [*TINY, f"data.train={shards}", f"train.run_dir={run}", f"train.zero_stage={stage}",
                  f"train.precision={precision}", "model.num_register_tokens=2", "model.layer_scale_init=1e-4"]
     # A process of its own: DeepSpeed keeps process-group state that outlives one training run.
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "train", "configs/demo.yaml", *overrides, "--no-export"],
+    proc = subprocess.run([sys.executable, "-m", "pretrain.tools.cli.main", "train", "configs/demo.yaml", *overrides, "--no-export"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 3

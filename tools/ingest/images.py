@@ -12,7 +12,6 @@ A file that cannot be read is logged, listed in the manifest and skipped.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pretrain.data.codec import encode_sample
-from pretrain.data.manifest import MANIFEST_NAME, ManifestBuilder, verify_shards, write_manifest
+from pretrain.data.manifest import MANIFEST_NAME, ManifestBuilder, write_manifest
 from pretrain.data.readers import ReadError, parse_spacing, read_image_file
 
 logger = logging.getLogger(__name__)
@@ -334,84 +333,3 @@ def _convert(
     return encode_sample(sample_key(rel), image, meta)
 
 
-def add_shards_parser(subparsers: Any) -> Any:
-    """Register ``pretrain shards {write,verify}`` on an argparse subparsers object.
-
-    Returns the ``shards`` sub-command group so callers can add more actions;
-    ``write`` and ``verify`` run ``shards_main``.
-    """
-    parser = subparsers.add_parser(
-        "shards",
-        help="write or verify webdataset shards",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = parser.add_subparsers(dest="shards_action", required=True, metavar="{write,verify,demo,medical}")
-    write = actions.add_parser("write", help="convert a folder of images into shards + manifest.json")
-    write.add_argument("src", metavar="SRC", help="folder of .png/.jpg/.tif/.npy files (searched recursively)")
-    write.add_argument("out", metavar="OUT", help="folder to write the shards and manifest.json into")
-    write.add_argument("--labels", metavar="CSV", help="CSV with columns path,label[,spacing]")
-    write.add_argument("--samples-per-shard", type=positive_number(int), default=1000, metavar="N", help="default: 1000")
-    write.add_argument(
-        "--shard-mb", type=positive_number(float), default=256.0, metavar="MB", help="shard size limit in MiB (default: 256)"
-    )
-    write.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
-    write.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
-    write.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    from tools.medical_shards import add_medical_options  # lazy: medical_shards builds on this module
-
-    medical = write.add_argument_group("DICOM / NIfTI folders (recognised by content; converted per patient split)")
-    add_medical_options(medical, labels_flag=True)
-    verify = actions.add_parser("verify", help="check every shard's size and sha256 against manifest.json")
-    verify.add_argument("out", metavar="OUT", help="shard folder holding manifest.json")
-    write.set_defaults(func=shards_main)
-    verify.set_defaults(func=shards_main)
-    return actions
-
-
-def shards_main(args: argparse.Namespace) -> int:
-    """Run a parsed ``pretrain shards`` command; returns the exit code."""
-    try:
-        if args.shards_action == "verify":
-            bad = verify_shards(args.out)
-            if bad:
-                print(f"{len(bad)} damaged or missing shard(s) in {args.out}: {', '.join(bad)}")
-            else:
-                print(f"all shards intact in {args.out}")
-            return 1 if bad else 0
-        from tools.medical_shards import holds_medical_files, medical_main
-
-        if Path(args.src).is_dir() and holds_medical_files(args.src):
-            return medical_main(args)  # DICOM series / NIfTI volumes: the medical converter, no flag needed
-        manifest = write_shards(
-            args.src,
-            args.out,
-            labels_csv=args.labels,
-            max_samples_per_shard=args.samples_per_shard,
-            max_shard_bytes=max(1, int(args.shard_mb * 2**20)),
-            prefix=args.prefix,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"pretrain shards: error: {e}") from e
-    print(
-        f"{manifest['num_samples']} samples, {manifest['num_failed']} failed, "
-        f"{len(manifest['shards'])} shards -> {args.out}"
-    )
-    return 0
-
-
-def positive_number(kind: type) -> Any:
-    """An argparse type: a number of ``kind`` that must be > 0, with a message naming the text."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse

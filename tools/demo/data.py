@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from pretrain.data.codec import encode_sample
 from pretrain.data.manifest import MANIFEST_NAME, ManifestBuilder, write_manifest
-from tools.phantoms import CLASSES, ct_volume, radiograph
-from tools.shards import ShardSink
+from pretrain.tools.demo.phantoms import CLASSES, ct_volume, radiograph
+from pretrain.tools.ingest.images import ShardSink
 
 # split -> (generator, image size, samples at scale 1, seed offset)
 SPLITS: dict[str, tuple[Callable, int, int, int]] = {

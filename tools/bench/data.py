@@ -23,8 +23,8 @@ from pretrain.data.codec import decode_sample
 from pretrain.data.stream import ShardStream, expand_shards, make_loader, read_tar_samples
 from pretrain.engine.trainer import build_train_stream
 from pretrain.objectives import build_objective
-from tools.bench import BenchInputError, format_table, median
-from tools.demo_data import SPLITS, make_demo_data
+from pretrain.tools.bench.common import BenchInputError, format_table, median
+from pretrain.tools.demo.data import SPLITS, make_demo_data
 
 # What each loader measures on top of the config: the demo split it reads by default
 # and the model fields that shape its transform (crop size, patch grid of the MAE mask).

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tools.bench import format_table, median
+from pretrain.tools.bench.common import format_table, median
 
 SALT = "medpretrain-bench-salt-not-secret"
 
@@ -41,7 +41,7 @@ def make_ct_folder(out: Path, series: int, slices: int) -> tuple[int, int]:
 
 
 def run_shards_bench(*, series: int, slices: int, workers: Sequence[int], repeats: int, scratch: Path) -> dict[str, Any]:
-    from tools.medical_shards import write_medical_shards
+    from pretrain.tools.ingest.medical import write_medical_shards
 
     src = scratch / "dicom"
     files, nbytes = make_ct_folder(src, series, slices)

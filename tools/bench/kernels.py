@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-import kernels
+from pretrain import kernels
 from pretrain.models.presets import get_preset
-from tools.bench import BenchInputError, format_table, median
+from pretrain.tools.bench.common import BenchInputError, format_table, median
 
 ATTENTION_MODELS = ("base", "large", "giant")
 GPU_LENGTHS = (197, 257, 1025, 1729, 4097)

@@ -25,7 +25,6 @@ identify patients as often as DICOM tags do.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -47,8 +46,8 @@ from pretrain.data.nifti import NiftiError, is_nifti_path, load_nifti
 from pretrain.data.privacy import hashed_key, load_salt, safe_metadata, salt_fingerprint
 from pretrain.data.readers import SUPPORTED_SUFFIXES, ReadError, read_image_file
 from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
-from tools.medical_inputs import PRESETS, ReportsTable, apply_preset, read_reports, resample
-from tools.shards import ShardSink, check_conversion_args, list_source_files, positive_number
+from pretrain.tools.ingest.medical_inputs import PRESETS, ReportsTable, apply_preset, read_reports, resample
+from pretrain.tools.ingest.images import ShardSink, check_conversion_args, list_source_files
 
 logger = logging.getLogger(__name__)
 
@@ -372,34 +371,6 @@ def redact(reason: str, src: Path, paths: Sequence[str]) -> str:
     return reason
 
 
-def add_medical_options(p: argparse.ArgumentParser, *, labels_flag: bool = False) -> None:
-    """The options of a medical conversion, shared by ``shards medical`` and ``shards write``."""
-    if not labels_flag:  # `shards write` already has --labels, which it passes on as the reports table
-        p.add_argument("--reports", metavar="FILE", help="CSV or JSONL: series_uid|study_uid|path, report, label, patient")
-    p.add_argument("--splits", default=None, metavar="TR,VA,TE", help="patient-level split ratios (default: all train)")
-    p.add_argument(
-        "--spacing", type=positive_number(float), nargs=3, metavar=("D", "H", "W"), help="resample to this spacing (mm)"
-    )
-    p.add_argument("--preset", choices=PRESETS, help="intensity preset recorded in sample metadata")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="conversion processes (default: all CPUs)")
-    p.add_argument("--salt-file", metavar="PATH", help="file holding the secret salt (else $MEDPRETRAIN_SALT)")
-
-
-def add_medical_parser(shards_actions: Any) -> argparse.ArgumentParser:
-    """Register ``pretrain shards medical`` on the sub-command group ``add_shards_parser`` returns."""
-    p = shards_actions.add_parser("medical", help="convert DICOM/NIfTI/images into per-split shards",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="folder searched recursively for DICOM, NIfTI and image files")
-    p.add_argument("out", metavar="OUT", help="folder for train/, val/, test/ shards and the journal")
-    add_medical_options(p)
-    p.add_argument("--samples-per-shard", type=positive_number(int), default=256, metavar="N", help="default: 256")
-    p.add_argument("--shard-mb", type=positive_number(float), default=1024.0, metavar="MB", help="default: 1024")
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=medical_main)
-    return p
-
-
 def holds_medical_files(src: str | Path) -> bool:
     """Whether ``src`` holds any NIfTI or DICOM file (DICOM recognised by content, with or without .dcm)."""
     for rel in list_source_files(Path(src)):
@@ -409,20 +380,3 @@ def holds_medical_files(src: str | Path) -> bool:
     return False
 
 
-def medical_main(args: argparse.Namespace) -> int:
-    """Run a parsed ``pretrain shards medical`` command; returns the exit code."""
-    try:
-        manifests = write_medical_shards(
-            args.src, args.out, reports=getattr(args, "reports", None) or getattr(args, "labels", None),
-            split_ratios=args.splits, target_spacing=args.spacing,
-            preset=args.preset, workers=args.workers, max_samples_per_shard=args.samples_per_shard,
-            max_shard_bytes=max(1, int(args.shard_mb * 2**20)),
-            salt=Path(args.salt_file) if args.salt_file else None, progress=not args.no_progress,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"pretrain shards medical: error: {e}") from e
-    for split, m in manifests.items():
-        folder = Path(args.out) / split
-        print(f"{split}: {m['num_samples']} samples, {m['num_failed']} failed, {len(m['shards'])} shards -> {folder}")
-    return 0

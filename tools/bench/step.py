@@ -34,8 +34,8 @@ from pretrain.engine.distributed import setup_distributed, teardown_distributed
 from pretrain.engine.ds_setup import build_optimizer, move_batch
 from pretrain.engine.trainer import Trainer, seed_all
 from pretrain.objectives import build_objective
-from tools.bench import BenchInputError, format_table, median
-from tools.bench_data import demo_shards
+from pretrain.tools.bench.common import BenchInputError, format_table, median
+from pretrain.tools.bench.data import demo_shards
 
 PROFILE_TOP = 25  # functions kept per list in the profile
 ENGINE_PATHS = ("/deepspeed/", "/pretrain/engine/")  # where the trainer's own calls live

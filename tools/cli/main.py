@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if cfg.train.export_on_end and not args.no_export:
-        from tools.export import export_encoder
+        from pretrain.tools.export.encoder import export_encoder
 
         summary["export"] = str(export_encoder(cfg.train.run_dir, Path(cfg.train.run_dir) / "export").resolve())
         write_summary(Path(cfg.train.run_dir), summary)
@@ -47,7 +47,7 @@ def _eval_knn(args: argparse.Namespace) -> int:
     from pretrain.data.transforms import eval_view
     from pretrain.eval.knn import knn_accuracy
     from pretrain.models.vit import VisionTransformer
-    from tools.export import load_encoder
+    from pretrain.tools.export.encoder import load_encoder
 
     if args.random_init:
         cfg = load_config(args.random_init, args.overrides)
@@ -71,14 +71,14 @@ def _eval_knn(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tools.export import export_encoder
+    from pretrain.tools.export.encoder import export_encoder
 
     print(export_encoder(args.source, args.out))
     return 0
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from tools.demo_data import make_demo_data
+    from pretrain.tools.demo.data import make_demo_data
 
     print(json.dumps(make_demo_data(args.out, scale=args.scale, seed=args.seed), indent=2))
     return 0
@@ -108,11 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch-size", type=int, default=64)
     k.set_defaults(func=_eval_knn)
 
-    from tools.shards import add_shards_parser
+    from pretrain.tools.ingest.cli import add_medical_parser, add_shards_parser
 
     shards = add_shards_parser(sub)
-    from tools.medical_shards import add_medical_parser
-
     add_medical_parser(shards)
     d = shards.add_parser("demo", help="generate the embedded synthetic demo data set as shards")
     d.add_argument("out")
@@ -125,10 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.set_defaults(func=_export)
 
-    from launch.cli import add_launch_parser
+    from pretrain.launch.cli import add_launch_parser
 
     add_launch_parser(sub)
-    from tools.bench import add_bench_parser
+    from pretrain.tools.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
     return parser

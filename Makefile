@@ -7,7 +7,7 @@ DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install demo-data clean
+.PHONY: demo test test-fast install demo-data clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: demo-data
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# Everything but the multi-process, SLURM, wheel-building and demo-length tests (marked slow).
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN) .pytest_cache

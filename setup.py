@@ -25,9 +25,8 @@ setup(
         "timm>=1.0.20,<2",
         "deepspeed>=0.17,<0.20",
         "webdataset>=0.2.100,<2",
-        "transformers>=4.50,<6",
+        "braceexpand>=0.1.7",  # shard patterns like shard-{000000..000099}.tar
         "safetensors>=0.4,<1",
-        "huggingface_hub>=0.30,<3",
         "submitit>=1.5,<2",
         "tensorboard>=2.15,<3",
         "numpy>=1.26,<3",
@@ -42,7 +41,9 @@ setup(
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         # JPEG / JPEG 2000 compressed DICOM pixel data
         "dicom-codecs": ["pylibjpeg>=2", "pylibjpeg-libjpeg>=2", "pylibjpeg-openjpeg>=2"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # monai: networks for ``model.name: monai:<network>`` (3D ResNets, SwinUNETR's encoder, ...)
+        "monai": ["monai>=1.4,<2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "monai>=1.4,<2"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.tools.cli.main:main"]},
 )

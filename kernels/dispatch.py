@@ -235,7 +235,8 @@ def patch_embed(
 
 
 # Built-in backends. A later backend (e.g. Triton) is one more register_backend call.
-register_backend("attention", "torch", torch_ops.sdpa_attention, priority=0, environment=torch_ops.always_available)
+# SDPA first everywhere: its cuDNN and flash backends are fast on Hopper; the others run when asked for.
+register_backend("attention", "torch", torch_ops.sdpa_attention, priority=30, environment=torch_ops.always_available)
 register_backend(
     "attention", "xformers", torch_ops.xformers_attention, priority=10,
     environment=torch_ops.xformers_environment, supports=torch_ops.xformers_supports,

@@ -3,9 +3,9 @@
 Where it runs: on CUDA whenever triton imports, and on CPU only through
 Triton's interpreter (``TRITON_INTERPRET=1`` set before ``kernels`` is
 imported; slow, no bf16, meant for tests). Its priority depends on the device:
-on CUDA it is above the PyTorch backends (attention: still below xformers and
-flash-attn, which are tuned per GPU); on CPU it is below them, so "auto" keeps
-picking torch there and the interpreter only runs when "triton" is selected
+for patch embedding on CUDA it is above the PyTorch backends; attention on
+CUDA stays with PyTorch SDPA (cuDNN / flash backends) until measured otherwise;
+on CPU it is below them, so "auto" keeps picking torch there and the interpreter only runs when "triton" is selected
 explicitly (``kernels.configure(attention="triton")`` or ``backend="triton"``).
 
 Triton is probed once, at import, like the other optional libraries: an import
@@ -20,7 +20,9 @@ import torch
 
 from pretrain.kernels.dispatch import register_backend
 
-_ATTENTION_PRIORITY_CUDA = 5  # torch 0 < triton < xformers 10 < flash_attn 20
+# Below PyTorch SDPA (30) on CUDA until `pretrain bench kernels` on a GPU measures ours faster for that device
+# and shape: no GPU has timed it yet, and its head-dim 80-128 path compiles to Ampere's mma.sync, not wgmma.
+_ATTENTION_PRIORITY_CUDA = 5  # triton 5 < xformers 10 < flash_attn 20 < torch 30
 _PATCH_EMBED_PRIORITY_CUDA = 20  # conv 0 < torch 10 < triton
 _PRIORITY_OFF_CUDA = -10  # below every PyTorch backend: never "auto" on CPU
 

@@ -118,7 +118,7 @@ class TrainTask:
         from pretrain.config import load_config
         from pretrain.engine import checkpoint as ckpt
         from pretrain.engine.preemption import StopRequest
-        from pretrain.engine.trainer import train
+        from pretrain.tools.run import train_and_export
 
         environ = dict(os.environ)
         os.environ.update(rendezvous_env(environ, submitit.JobEnvironment().hostnames))
@@ -131,7 +131,7 @@ class TrainTask:
             write_event(run_dir, "start", job_id=job_id, attempt=attempt, world_size=int(os.environ["WORLD_SIZE"]),
                         nodes=os.environ.get("SLURM_JOB_NODELIST"), resume_tag=tag)
         try:
-            summary = train(cfg, stop)
+            summary = train_and_export(cfg, stop)
         except Exception as error:
             self._after_failure(run_dir, job_id, attempt, rank, error)
             raise

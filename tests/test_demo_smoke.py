@@ -1,6 +1,8 @@
 """The demo path end to end, shortened: demo shards -> pretrain train -> eval -> export -> summary.json."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -23,6 +25,7 @@ def test_phantoms_are_balanced_native_dtype_and_class_independent_in_intensity()
     assert spread < 0.5 * min(np.std(v) for v in means.values())
 
 
+@pytest.mark.slow
 def test_demo_run_end_to_end(tmp_path):
     data = tmp_path / "demo_data"
     counts = make_demo_data(data, scale=0.02, splits=["pretrain_2d", "knn_train_2d", "knn_val_2d"], progress=False)
@@ -93,6 +96,7 @@ def test_demo_data_reuses_a_complete_split_only_for_the_same_seed(tmp_path):
     assert shard.read_bytes() != first
 
 
+@pytest.mark.slow
 def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_path):
     data = tmp_path / "demo_data"
     make_demo_data(data, scale=0.02, splits=["pretrain_2d", "knn_train_2d", "knn_val_2d"], progress=False)
@@ -110,9 +114,9 @@ def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_pat
 
     events = EventAccumulator(str(run / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss/dino", "loss/ibot", "loss/koleo", "dino/teacher_temp", "dino/momentum",
+    assert {"loss/dino", "loss/ibot", "loss/koleo", "schedule/teacher_temp", "schedule/momentum",
             "eval/knn_top1_teacher", "eval/knn_top1_student"} <= tags, tags
-    temps = [e.value for e in events.Scalars("dino/teacher_temp")]
+    temps = [e.value for e in events.Scalars("schedule/teacher_temp")]
     assert temps == sorted(temps) and temps[0] >= 0.04
     # The export is the teacher, and timm loads it strictly.
     from pretrain.tools.export.encoder import load_into_timm, trained_objective

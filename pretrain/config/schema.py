@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pretrain.config.registry import objective_entry
 from pretrain.config.typed import RESOLVE, ConfigError
-from pretrain.models.vit import ViTConfig
+from pretrain.models.backbones import ModelConfig
 
 
 @dataclass
@@ -36,8 +37,9 @@ class OptimConfig:
     lr: float = 1.5e-4
     min_lr: float = 0.0
     warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.05
+    weight_decay_end: float | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -82,28 +84,35 @@ class EvalConfig:
 
 @dataclass
 class KernelsConfig:
-    attention: str = "auto"
-    patch_embed: str = "auto"
+    """The one place that picks kernel backends (``pretrain.kernels.describe()`` says what runs)."""
+
+    attention: str = "auto"  # auto (best that can run: PyTorch SDPA unless measured otherwise) or a backend name
+    patch_embed: str = "auto"  # auto or a backend name
+
+    def __post_init__(self) -> None:
+        from pretrain import kernels
+
+        for op in ("attention", "patch_embed"):
+            choices = ["auto", *kernels.backend_names(op)]
+            if getattr(self, op) not in choices:
+                raise ConfigError(f"config key 'kernels.{op}' must be one of {', '.join(choices)}, "
+                                  f"got {getattr(self, op)!r}")
 
 
 def _objective_config_class(raw: Any, key: str) -> type:
-    from pretrain.objectives import objective_config_class
-
     name = raw.get("name", "mae") if isinstance(raw, dict) else None
     if name is None:
         raise ConfigError(f"config key '{key}' must be a mapping with a 'name'")
-    return objective_config_class(name, key=f"{key}.name")
+    return objective_entry(name, key=f"{key}.name").config_class
 
 
 def _default_objective() -> Any:
-    from pretrain.objectives import objective_config_class
-
-    return objective_config_class("mae")()
+    return objective_entry("mae").config_class()
 
 
 @dataclass
 class RunConfig:
-    model: ViTConfig = field(default_factory=ViTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     objective: Any = field(default_factory=_default_objective, metadata={RESOLVE: _objective_config_class})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

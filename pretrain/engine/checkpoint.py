@@ -1,9 +1,6 @@
 """Atomic, resumable checkpoints: DeepSpeed state + data position + RNG + config.
 
-Layout of ``<run_dir>/checkpoints``::
-
-    step_00000100/            DeepSpeed files, rank<r>_state.pt (RNG, data position), config.yaml, COMPLETE
-    latest                    name of the newest complete checkpoint (replaced atomically)
+The layout (and everything that only reads it) is ``pretrain.storage.checkpoints``.
 
 A checkpoint is written under ``<tag>.partial`` and renamed only after every
 rank has finished, so a crash mid-write never leaves a broken "latest".
@@ -21,28 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.storage.checkpoints import COMPLETE, LATEST, atomic_write_text, latest_tag, tag_for
+
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
-COMPLETE = "COMPLETE"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
+__all__ = ["COMPLETE", "LATEST", "latest_tag", "load_checkpoint", "save_checkpoint", "tag_for"]
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,18 +42,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """The newest complete checkpoint's tag, or None when there is none."""
-    ckpt_dir = Path(ckpt_dir)
-    pointer = ckpt_dir / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (ckpt_dir / tag / COMPLETE).is_file():
-        raise RuntimeError(f"{pointer} names {tag!r}, which is not a complete checkpoint in {ckpt_dir}")
-    return tag
 
 
 def save_checkpoint(
@@ -96,11 +68,11 @@ def save_checkpoint(
     final = ckpt_dir / tag
     if rank == 0:
         (ckpt_dir / partial / "config.yaml").write_text(config_yaml)
-        _atomic_write_text(ckpt_dir / partial / COMPLETE, f"{step}\n")
+        atomic_write_text(ckpt_dir / partial / COMPLETE, f"{step}\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(ckpt_dir / partial, final)
-        _atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
         _prune(ckpt_dir, keep)
     _barrier()
     return final
@@ -138,32 +110,3 @@ def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> tuple[dict[str, A
     set_rng_state(rank_state.pop("rng"))
     log.info("resumed from %s", ckpt_dir / tag)
     return client_state or {}, rank_state
-
-
-def resolve_checkpoint(source: str | Path) -> Path:
-    """A run directory (its latest checkpoint), a checkpoints folder, or one checkpoint folder."""
-    source = Path(source)
-    if (source / COMPLETE).is_file():
-        return source
-    for root in (source / "checkpoints", source):
-        if (root / "latest").is_file():
-            return root / latest_tag(root)
-    raise FileNotFoundError(f"{source}: no complete checkpoint (expected a run dir, its checkpoints/ or a step_* folder)")
-
-
-def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The objective's full state dict in fp32 from a DeepSpeed checkpoint folder."""
-    model_states = next(iter(sorted(ckpt.glob("*mp_rank_00_model_states.pt"))), None)
-    module = torch.load(model_states, map_location="cpu", weights_only=False)["module"] if model_states else {}
-    if any(ckpt.glob("*optim_states.pt")):  # ZeRO 1-3 (and bf16) keep fp32 masters in optimizer shards
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        # Frozen tensors (fixed position tables) are not in the optimizer; ZeRO-1 leaves them
-        # out of the reconstruction, but the model states hold them whole.
-        for key, value in module.items():
-            if key not in state and isinstance(value, torch.Tensor) and value.numel():
-                state[key] = value
-    else:
-        state = module
-    return {k: v.float().contiguous() for k, v in state.items()}

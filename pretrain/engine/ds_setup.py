@@ -1,10 +1,9 @@
-"""From a RunConfig to a DeepSpeed engine: config dict, parameter groups, optimizer."""
+"""From a RunConfig to a DeepSpeed engine: config dict, optimizer, batches on the device."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import nn
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,30 +31,13 @@ def deepspeed_config(cfg) -> dict[str, Any]:
     return ds
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings."""
-    skip_names: set[str] = set()
-    for prefix, module in model.named_modules():
-        if hasattr(module, "no_weight_decay"):
-            skip_names.update(f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in skip_names or name.endswith(".bias") or "token" in name.rsplit(".", 1)[-1]:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
-
-
-def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
-    )
+def build_optimizer(groups: list[dict[str, Any]], optim) -> torch.optim.Optimizer:
+    """AdamW over the objective's groups; each starts at its scales times the peak values
+    (the trainer sets both every step from the schedules)."""
+    for g in groups:
+        g["lr"] = optim.lr * g.get("lr_scale", 1.0)
+        g["weight_decay"] = optim.weight_decay * g.get("wd_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The training loop: any objective, DeepSpeed ZeRO 0-3, exact resume.
 
-The trainer knows the objective contract only (transform, collate, forward,
-set_progress, after_step, encoder, flops_per_sample); never a single method.
+The trainer knows the objective contract only (``pretrain.objectives.base``:
+data recipe, train_step/forward, parameter groups, schedules, after_step,
+eval bundle, FLOPs); never a single method.
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_di
 from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
 from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
 from pretrain.engine.preemption import StopRequest
-from pretrain.engine.schedules import lr_at
 from pretrain.eval.knn import knn_accuracy
 from pretrain.objectives import build_objective
+from pretrain.objectives.base import BuildContext
+from pretrain.optim.schedules import optimizer_schedules
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,16 @@ def _eval_view(sample: dict, *, size, channels: int, intensity: str) -> torch.Te
     return eval_view(sample["image"], size, channels, intensity, key=sample["__key__"])
 
 
-def build_train_stream(cfg: RunConfig, objective, rank: int, world_size: int, start_batch: int) -> ShardStream:
-    """The training stream of one rank, positioned ``start_batch`` micro-batches in."""
+def build_train_stream(cfg: RunConfig, recipe, rank: int, world_size: int, start_batch: int) -> ShardStream:
+    """The training stream of one rank, positioned ``start_batch`` micro-batches in.
+
+    ``recipe`` is the objective's ``data_recipe()``: what the DataLoader workers receive.
+    """
     if not cfg.data.train:
         raise ValueError("config key 'data.train' is empty: give at least one shard set")
     sources = [StreamSource(expand_shards(s.shards), s.weight, s.name or f"source{i}") for i, s in enumerate(cfg.data.train)]
     return ShardStream(
-        sources, batch_size=cfg.data.batch_size, transform=objective.transform, collate=objective.collate,
+        sources, batch_size=cfg.data.batch_size, transform=recipe.transform, collate=recipe.collate,
         seed=cfg.train.seed, rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
         resample=cfg.data.resample, start_batch=start_batch, num_workers=cfg.data.num_workers,
     )
@@ -95,8 +100,9 @@ class Trainer:
         if getattr(cfg.objective, "init_from", "") and ckpt.latest_tag(self.ckpt_dir) is not None:
             # Resuming: the checkpoint holds every weight, the starting weights need not exist any more.
             cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, init_from=""))
-        objective = build_objective(cfg)
-        optimizer = build_optimizer(objective, cfg.optim)
+        objective = build_objective(cfg, BuildContext.from_dist(dist_info))
+        optimizer = build_optimizer(objective.param_groups(), cfg.optim)
+        self.schedules = {**optimizer_schedules(cfg.optim), **objective.schedules()}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=objective, optimizer=optimizer, config=deepspeed_config(cfg)
         )
@@ -122,7 +128,7 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------
     def _build_stream(self) -> ShardStream:
-        return build_train_stream(self.cfg, self.objective, self.dist.rank, self.dist.world_size,
+        return build_train_stream(self.cfg, self.objective.data_recipe(), self.dist.rank, self.dist.world_size,
                                   self.step * self.cfg.train.grad_accum)
 
     def _check_data_position(self, position: dict[str, Any], where: Path) -> None:
@@ -144,19 +150,20 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float] | None:
-        """kNN top-1 of each encoder the objective names (the first one is the run's headline number)."""
+        """kNN top-1 of each encoder of the objective's eval bundle (the first one is the run's headline)."""
         ev = self.cfg.eval
         if not (ev.knn_train and ev.knn_val):
             return None
         model = self.cfg.model
         view = partial(_eval_view, size=model.img_size_tuple(), channels=model.in_chans, intensity=self.cfg.data.intensity)
+        bundle = self.objective.eval_bundle()
         return {
             name: knn_accuracy(
-                encoder, ev.knn_train, ev.knn_val, view, pool=ev.pool or self.objective.eval_pool, k=ev.k,
+                encoder, ev.knn_train, ev.knn_val, view, pool=ev.pool or bundle.pool, k=ev.k,
                 temperature=ev.temperature, batch_size=ev.batch_size, device=self.dist.device,
                 dtype=PRECISION_DTYPES[self.cfg.train.precision],
             )
-            for name, encoder in self.objective.eval_encoders().items()
+            for name, encoder in bundle.encoders.items()
         }
 
     def _log_eval(self, monitor: Monitor, accs: dict[str, float] | None, label: str) -> float | None:
@@ -164,9 +171,10 @@ class Trainer:
         if not accs:
             return None
         headline = next(iter(accs.values()))
-        scalars = {"eval/knn_top1": headline, **{f"eval/knn_top1_{n}": a for n, a in accs.items() if n}}
+        named = accs if len(accs) > 1 else {}
+        scalars = {"eval/knn_top1": headline, **{f"eval/knn_top1_{n}": a for n, a in named.items()}}
         monitor.scalars(self.step, scalars)
-        parts = ", ".join(f"{n} {a:.4f}" for n, a in accs.items() if n)
+        parts = ", ".join(f"{n} {a:.4f}" for n, a in named.items())
         monitor.message(f"[eval] {label}: kNN top-1 {headline:.4f}" + (f" ({parts})" if len(accs) > 1 else ""))
         return headline
 
@@ -198,7 +206,8 @@ class Trainer:
         batch = out = None
         try:
             while self.step < t.steps:
-                lr = self.set_schedules()
+                values = self.set_schedules()
+                lr = values["lr"]
                 log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 parts, stream_stats, batch, out = self.train_step(batches, timer, measure_grad_norm=log_now)
                 if parts:  # empty when the step was skipped for a non-finite loss
@@ -209,7 +218,7 @@ class Trainer:
                 if log_now:
                     last_parts = self._reduce_parts(parts)
                     scalars = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in last_parts.items()}
-                    scalars.update(self._step_scalars(lr, timer, flops_per_sample, tokens_per_sample, peak))
+                    scalars.update(self._step_scalars(values, timer, flops_per_sample, tokens_per_sample, peak))
                     if stream_stats:
                         scalars["data/corrupt_shards"] = stream_stats.get("corrupt_shards", 0)
                         scalars["data/bad_samples"] = stream_stats.get("bad_samples", 0)
@@ -219,7 +228,7 @@ class Trainer:
                         metrics_file.flush()
                     timer.reset()
                 monitor.advance(1, {"loss": f"{last_parts.get('loss', float('nan')):.4f}", "lr": f"{lr:.2e}"})
-                if (t.image_log_every and self.step % t.image_log_every == 0) or last:
+                if out is not None and ((t.image_log_every and self.step % t.image_log_every == 0) or last):
                     monitor.images(self.step, self.objective.visualize(batch, out))
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
                     self._log_eval(monitor, self.evaluate(), f"step {self.step}")
@@ -241,37 +250,32 @@ class Trainer:
         return self._summary(final_acc, time.perf_counter() - started, interrupted.name if interrupted else None)
 
     def train_step(self, batches, timer: StepTimer | None = None, measure_grad_norm: bool = False):
-        """One optimizer step over ``grad_accum`` micro-batches from ``batches``.
+        """One optimizer step over ``grad_accum`` micro-batches from ``batches``, through the objective's
+        ``train_step`` (default: forward + backward per micro-batch).
 
         Returns (loss parts averaged over micro-batches, the stream's counters,
         the last batch, the last outputs). Schedules must already be set.
         """
         accum = self.cfg.train.grad_accum
         self._plain_grad_norm = None
-        parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        stream_stats = batch = out = None
+        t0 = time.perf_counter()
+        micro_batches, stream_stats = [], None
         for _ in range(accum):
-            t0 = time.perf_counter()
             batch = next(batches)
             stream_stats = batch.pop("_stream", None)
-            batch = move_batch(batch, self.dist.device)
-            t1 = time.perf_counter()
-            out = self.engine(batch)
-            if not self._finite_on_every_rank(out["loss"]):
-                self._skip_nonfinite(out)
-                continue
-            self.engine.backward(out["loss"])
-            if measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
-                self._plain_grad_norm = self._unpartitioned_grad_norm()
-            self.engine.step()
+            micro_batches.append(move_batch(batch, self.dist.device))
+        t1 = time.perf_counter()
+        outputs = self.objective.train_step(micro_batches, _EngineStepper(self, measure_grad_norm))
+        parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        for out in outputs:
             for key, value in out.items():
                 if not key.startswith("_"):
                     parts[key] += value.detach().double().cpu() / accum
-            if timer is not None:
-                timer.data += t1 - t0
-                timer.compute += time.perf_counter() - t1
-                timer.samples += self.cfg.data.batch_size
-        return parts, stream_stats, batch, out
+        if timer is not None:
+            timer.data += t1 - t0
+            timer.compute += time.perf_counter() - t1
+            timer.samples += self.cfg.data.batch_size * accum
+        return parts, stream_stats, micro_batches[-1], outputs[-1] if outputs else None
 
     def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
@@ -302,13 +306,15 @@ class Trainer:
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(norms).norm()) if norms else 0.0
 
-    def set_schedules(self) -> float:
-        """Learning rate and the objective's schedules for the coming step; returns the lr."""
-        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim)
+    def set_schedules(self) -> dict[str, float]:
+        """Every schedule's value for the coming step: lr and weight decay into the optimizer's groups
+        (times each group's scales), the objective's own into the objective. Returns them all."""
+        values = {name: schedule(self.step, self.cfg.train.steps) for name, schedule in self.schedules.items()}
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        self.objective.set_progress(self.step, self.cfg.train.steps)
-        return lr
+            group["lr"] = values["lr"] * group.get("lr_scale", 1.0)
+            group["weight_decay"] = values["weight_decay"] * group.get("wd_scale", 1.0)
+        self.objective.set_schedules(self.step, {k: v for k, v in values.items() if k not in ("lr", "weight_decay")})
+        return values
 
     def _reduce_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss parts averaged over ranks (one all-reduce per logged step)."""
@@ -321,8 +327,11 @@ class Trainer:
             values /= self.dist.world_size
         return {k: float(v) for k, v in zip(keys, values.cpu())}
 
-    def _step_scalars(self, lr: float, timer: StepTimer, flops_per_sample: float, tokens: int, peak: float | None) -> dict[str, float]:
-        scalars = {"optim/lr": lr, **timer.rates(tokens, self.dist.world_size), **memory_stats(self.dist.device)}
+    def _step_scalars(self, values: dict[str, float], timer: StepTimer, flops_per_sample: float, tokens: int,
+                      peak: float | None) -> dict[str, float]:
+        scalars = {"optim/lr": values["lr"], "optim/weight_decay": values["weight_decay"],
+                   **{f"schedule/{k}": v for k, v in values.items() if k not in ("lr", "weight_decay")},
+                   **timer.rates(tokens, self.dist.world_size), **memory_stats(self.dist.device)}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._plain_grad_norm
@@ -367,7 +376,7 @@ def open_metrics(path: Path, resume_step: int):
     """``metrics.jsonl`` for appending, without the lines the interrupted run logged after ``resume_step``."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resume_step]
-        ckpt._atomic_write_text(path, "".join(line + "\n" for line in kept))
+        ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
     return open(path, "a")
 
 
@@ -380,7 +389,7 @@ def _logged_step(line: str) -> float:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    ckpt._atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    ckpt.atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -399,3 +408,24 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any]:
         raise
     teardown_distributed()
     return summary
+
+
+class _EngineStepper:
+    """What an objective's ``train_step`` may do: the engine's forward, and backward + step per micro-batch."""
+
+    def __init__(self, trainer: Trainer, measure_grad_norm: bool) -> None:
+        self.trainer, self.measure_grad_norm = trainer, measure_grad_norm
+
+    def forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.trainer.engine(batch, **kwargs)
+
+    def backward(self, loss: torch.Tensor, out: dict[str, torch.Tensor]) -> bool:
+        t, engine = self.trainer, self.trainer.engine
+        if not t._finite_on_every_rank(loss):
+            t._skip_nonfinite(out)
+            return False
+        engine.backward(loss)
+        if self.measure_grad_norm and engine.is_gradient_accumulation_boundary():
+            t._plain_grad_norm = t._unpartitioned_grad_norm()
+        engine.step()
+        return True

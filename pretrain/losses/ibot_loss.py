@@ -18,18 +18,20 @@ def ibot_loss(
     sample_index_M: Tensor,
     batch_size: int,
     student_temp: float,
+    divide_by: str = "masked_images",
 ) -> Tensor:
-    """Per-image mean cross-entropy over masked patches, averaged over the images that have any.
+    """Per-image mean cross-entropy over masked patches, averaged over images.
 
     Row m of the (M, K) inputs is a masked patch of image ``sample_index_M[m]``
     (in [0, batch_size)). With n_b the number of masked patches of image b and
     I = {b : n_b >= 1}:
 
         ce_m = -sum_k q[m, k] * log_softmax(z[m] / student_temp)[k]
-        L    = 1/|I| * sum_{b in I} 1/n_b * sum_{m : index[m] = b} ce_m
+        L    = 1/Z * sum_{b in I} 1/n_b * sum_{m : index[m] = b} ce_m
 
-    DINOv2 uses the same 1/n_b weights but divides by the batch size; dividing
-    by |I| keeps the scale independent of how many images were left unmasked.
+    with Z = |I| for ``divide_by="masked_images"`` (the scale does not depend on
+    how many images were left unmasked) or Z = batch_size for ``"batch"``
+    (DINOv2's ``forward_masked``: unmasked images count as zeros).
     With M == 0 the loss is a zero still connected to the student's graph.
     Computed in float32. The targets are used as given: pass them without grad.
     """
@@ -38,6 +40,8 @@ def ibot_loss(
             "ibot_loss expects student logits and teacher probabilities of the same shape (M, K), got "
             f"{tuple(student_patch_logits_MK.shape)} and {tuple(teacher_patch_probs_MK.shape)}"
         )
+    if divide_by not in ("masked_images", "batch"):
+        raise ValueError(f"ibot_loss: divide_by must be 'masked_images' or 'batch', got {divide_by!r}")
     num_masked = student_patch_logits_MK.shape[0]
     if sample_index_M.shape != (num_masked,):
         raise ValueError(
@@ -52,5 +56,5 @@ def ibot_loss(
     # index_add_ rather than bincount: no host sync on GPU.
     masked_per_image_B = cross_entropy_M.new_zeros(batch_size).index_add_(0, index_M, torch.ones_like(cross_entropy_M))
     weight_M = 1.0 / masked_per_image_B[index_M]
-    num_images_with_masks = (masked_per_image_B > 0).sum()
-    return (cross_entropy_M * weight_M).sum() / num_images_with_masks
+    denominator = (masked_per_image_B > 0).sum() if divide_by == "masked_images" else batch_size
+    return (cross_entropy_M * weight_M).sum() / denominator

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pretrain.engine.checkpoint import COMPLETE, fp32_state_dict, resolve_checkpoint
+from pretrain.storage.checkpoints import COMPLETE, fp32_state_dict, resolve_checkpoint
 from pretrain.models.pos_embed import resample_pos_embed
 from pretrain.models.vit import VisionTransformer
 

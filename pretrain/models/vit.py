@@ -27,13 +27,10 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from pretrain import kernels
 from pretrain.models.blocks import Block, LayerScale, PatchEmbed
+from pretrain.models.encoder import pool_tokens
 from pretrain.models.pos_embed import resample_pos_embed, sincos_pos_embed
 from pretrain.models.presets import VIT_PRESETS, get_preset
-
-POOL_MODES = ("cls", "mean", "cls+mean")
-
 
 def _axis_tuple(value: int | list[int] | tuple[int, ...], spatial_dims: int, field: str) -> tuple[int, ...]:
     """An int or a per-axis sequence as a ``spatial_dims``-tuple of positive ints; errors name ``field``."""
@@ -77,8 +74,6 @@ class ViTConfig:
     layer_scale_init: float | None = None
     drop_path_rate: float = 0.0
     act_checkpoint: bool = False  # torch.utils.checkpoint per block, use_reentrant=False
-    attn_backend: str = "auto"
-    patch_embed_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,10 +107,6 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.layer_scale_init: must be None or > 0, got {self.layer_scale_init!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"ViTConfig.drop_path_rate: must be in [0, 1), got {self.drop_path_rate!r}")
-        for name, op in (("attn_backend", "attention"), ("patch_embed_backend", "patch_embed")):
-            choices = ["auto", *kernels.backend_names(op)]
-            if getattr(self, name) not in choices:
-                raise ValueError(f"ViTConfig.{name}: {getattr(self, name)!r} is not one of {choices}")
         return self
 
     def _apply_preset(self) -> None:
@@ -163,7 +154,7 @@ class VisionTransformer(nn.Module):
             torch.zeros(1, self.num_prefix_tokens + math.prod(self.native_grid), dim),
             requires_grad=cfg.pos_embed == "learned",
         )
-        self.patch_embed = PatchEmbed(cfg.spatial_dims, cfg.in_chans, dim, self._patch_size, cfg.patch_embed_backend)
+        self.patch_embed = PatchEmbed(cfg.spatial_dims, cfg.in_chans, dim, self._patch_size)
         # Python arithmetic, not torch.linspace, so the model can be built on the meta device.
         drop_rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -175,7 +166,6 @@ class VisionTransformer(nn.Module):
                 mlp=cfg.mlp,
                 layer_scale_init=cfg.layer_scale_init,
                 drop_path=rate,
-                attn_backend=cfg.attn_backend,
             )
             for rate in drop_rates
         )
@@ -187,6 +177,17 @@ class VisionTransformer(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.cfg.spatial_dims
+
+    @property
+    def in_chans(self) -> int:
+        return self.cfg.in_chans
+
+    #: forward_features takes ``mask``/``mask_token`` (iBOT) and ``keep_idx`` (MAE)
+    supports_token_mask = True
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -320,15 +321,9 @@ class VisionTransformer(nn.Module):
     def pool(self, x_BTD: torch.Tensor, mode: str = "cls") -> torch.Tensor:
         """Image embedding from ``forward_features`` output: "cls" (B, D), "mean" of the
         patch tokens (B, D) or "cls+mean" concatenated (B, 2D)."""
-        if mode not in POOL_MODES:
-            raise ValueError(f"VisionTransformer.pool: mode {mode!r} is not one of {POOL_MODES}")
-        cls_BD = x_BTD[:, 0]
-        if mode == "cls":
-            return cls_BD
-        mean_BD = x_BTD[:, self.num_prefix_tokens :].mean(dim=1)
-        return mean_BD if mode == "mean" else torch.cat([cls_BD, mean_BD], dim=-1)
+        return pool_tokens(x_BTD, self.num_prefix_tokens, mode)
 
-    def flops_per_sample(
+    def forward_flops(
         self, spatial_shape: tuple[int, ...] | list[int] | None = None, num_tokens_kept: int | None = None
     ) -> float:
         """Forward matmul FLOPs (2 x multiply-adds) for one sample.
@@ -341,7 +336,7 @@ class VisionTransformer(nn.Module):
         num_patches = self.num_patches(spatial_shape)
         kept = num_patches if num_tokens_kept is None else int(num_tokens_kept)
         if not 0 <= kept <= num_patches:
-            raise ValueError(f"VisionTransformer.flops_per_sample: num_tokens_kept {kept} not in [0, {num_patches}]")
+            raise ValueError(f"VisionTransformer.forward_flops: num_tokens_kept {kept} not in [0, {num_patches}]")
         tokens, dim = self.num_prefix_tokens + kept, self.embed_dim
         hidden = int(dim * self.cfg.mlp_ratio)
         patch_flops = 2 * num_patches * self.cfg.in_chans * math.prod(self._patch_size) * dim
@@ -349,3 +344,13 @@ class VisionTransformer(nn.Module):
         mlp_matmuls = 3 if self.cfg.mlp == "swiglu" else 2
         mlp_flops = 2 * mlp_matmuls * tokens * dim * hidden
         return float(patch_flops + self.cfg.depth * (attn_flops + mlp_flops))
+
+    def patch_embed_flops(self, spatial_shape: tuple[int, ...] | list[int] | None = None) -> float:
+        return float(2 * self.num_patches(spatial_shape) * self.cfg.in_chans * math.prod(self._patch_size) * self.embed_dim)
+
+    def train_flops(
+        self, spatial_shape: tuple[int, ...] | list[int] | None = None, num_tokens_kept: int | None = None
+    ) -> float:
+        """Forward + backward: every matmul's backward costs twice its forward (input and weight
+        gradients), except the patch embedding's, whose input (the image) needs no gradient."""
+        return 3.0 * self.forward_flops(spatial_shape, num_tokens_kept) - self.patch_embed_flops(spatial_shape)

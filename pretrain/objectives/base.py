@@ -1,30 +1,64 @@
-"""The objective contract: everything the trainer may ask of a method.
+"""The objective contract (v2): everything the trainer may ask of a method.
 
-An objective is one module in ``pretrain/objectives`` defining ``NAME``,
-``Config`` (a dataclass with a ``name`` field) and ``build(run_cfg)``. It owns
-every module of its method (backbone, heads, teacher, text tower). The trainer
-knows nothing about any single method.
+An objective is one module in ``pretrain/objectives`` that registers
+``(NAME, Config, build)`` with ``pretrain.config.registry``. ``build(run_cfg,
+ctx)`` returns an :class:`Objective`, an ``nn.Module`` owning every module of
+the method (backbone, heads, teacher, text tower). The trainer knows nothing
+about any single method; it only calls what this file declares:
+
+- ``data_recipe()``: the picklable CPU side (transform, collate, tokenizer),
+  apart from the module, so DataLoader workers never carry weights;
+- ``forward(batch)`` -> ``{"loss": scalar, <part>: scalar, ...}``;
+- ``train_step(micro_batches, stepper)``: one optimizer step over all
+  micro-batches; the default is forward + backward per micro-batch;
+- ``param_groups()``: groups with ``lr_scale`` / ``wd_scale`` that the one
+  schedule mechanism multiplies, never overwrites;
+- ``schedules()`` / ``set_schedules(values)``: the method's per-step values
+  (EMA momentum, teacher temperature), computed and logged by the trainer;
+- ``after_step(step)``: no-grad updates after the optimizer step (EMA teacher);
+- ``eval_bundle()``: the encoders evaluation and export use (each meets
+  ``pretrain.models.encoder.Encoder``), the headline first, and for
+  image-text methods the text encoder and tokenizer;
+- ``rank_state`` / ``load_rank_state`` / ``restore_from_rank_states``: state
+  DeepSpeed does not checkpoint (fp32 teacher shards);
+- ``flops_per_sample()``: model FLOPs of forward + backward per sample, checked
+  against ``torch.utils.flop_counter.FlopCounterMode``.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
 
+from pretrain.models.encoder import Encoder
+from pretrain.optim.param_groups import decay_groups
+from pretrain.optim.schedules import Schedule
 
-class Objective(nn.Module):
-    """Base class; subclasses implement the CPU side, the loss and the hooks."""
 
-    #: pooling of the encoder's tokens that suits this method's features in kNN eval
-    eval_pool: str = "cls"
+@dataclass(frozen=True)
+class BuildContext:
+    """Where the objective runs: so a gathered loss never reaches into globals."""
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype DeepSpeed gave the parameters (bf16/fp16/fp32); inputs are cast to it."""
-        return next(self.parameters()).dtype
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: Any = None  # torch.distributed process group of the data-parallel ranks; None = the default group
 
-    # --- CPU side: runs in DataLoader workers, must not touch parameters -------------
+    @classmethod
+    def from_dist(cls, info: Any, group: Any = None) -> "BuildContext":
+        """From ``pretrain.engine.distributed.DistInfo``."""
+        return cls(info.rank, info.world_size, info.device, group)
+
+
+class DataRecipe:
+    """The CPU side of an objective: plain Python and numpy/torch ops, no parameters.
+
+    Instances are pickled into every DataLoader worker: keep them small (sizes,
+    seeds, augmentation settings, a tokenizer), never a module or its weights.
+    """
+
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         """One decoded sample -> model-ready tensors; randomness from ``sample['__seed__']``."""
         raise NotImplementedError(f"{type(self).__name__} must define transform()")
@@ -33,25 +67,87 @@ class Objective(nn.Module):
         """A list of transformed samples -> one batch."""
         raise NotImplementedError(f"{type(self).__name__} must define collate()")
 
-    # --- device side -------------------------------------------------------------------
+
+@dataclass
+class EvalBundle:
+    """What evaluation and export use from a trained objective.
+
+    ``encoders`` maps a name to an image encoder; the first is the run's headline
+    (DINO: teacher, then student). ``pool`` is the token pooling the method's
+    features are meant to be read with. Image-text methods add their text side.
+    """
+
+    encoders: dict[str, Encoder]
+    pool: str = "cls"
+    text_encoder: nn.Module | None = None
+    tokenizer: Any = None
+
+    @property
+    def headline(self) -> tuple[str, Encoder]:
+        return next(iter(self.encoders.items()))
+
+
+class Stepper(Protocol):
+    """What ``Objective.train_step`` may do with the engine (the trainer supplies it)."""
+
+    def forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The engine's forward (DeepSpeed's, so ZeRO-3 gathers and precision casts apply)."""
+
+    def backward(self, loss: torch.Tensor, out: dict[str, torch.Tensor]) -> bool:
+        """Backward of one micro-batch's loss and the engine's step; False when skipped as non-finite."""
+
+
+class Objective(nn.Module):
+    """Base class; subclasses implement the recipe, the loss and the hooks they need."""
+
+    def __init__(self, ctx: BuildContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype DeepSpeed gave the parameters (bf16/fp16/fp32); inputs are cast to it."""
+        return next(self.parameters()).dtype
+
+    # --- data side ------------------------------------------------------------------------
+    def data_recipe(self) -> DataRecipe:
+        raise NotImplementedError(f"{type(self).__name__} must define data_recipe()")
+
+    # --- device side ----------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """``{"loss": scalar, <part>: scalar, ...}``; every entry is logged."""
+        """``{"loss": scalar, <part>: scalar, ...}``; every entry without a leading ``_`` is logged."""
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
 
-    def set_progress(self, step: int, total_steps: int) -> None:
-        """Called before every optimizer step: per-step schedules (temperatures, momenta)."""
+    def train_step(self, micro_batches: Iterable[dict[str, Any]], stepper: Stepper) -> list[dict[str, torch.Tensor]]:
+        """One optimizer step; returns the outputs of the micro-batches that were not skipped.
+
+        Override for methods that need every micro-batch of a step at once (a
+        contrastive loss over a feature cache spanning gradient accumulation).
+        """
+        outputs = []
+        for batch in micro_batches:
+            out = stepper.forward(batch)
+            if stepper.backward(out["loss"], out):
+                outputs.append(out)
+        return outputs
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups: ``params``, ``name``, ``lr_scale``, ``wd_scale`` (default: decay / no decay)."""
+        return decay_groups(self)
+
+    def schedules(self) -> dict[str, Schedule]:
+        """Named per-step values of the method (logged as ``schedule/<name>``)."""
+        return {}
+
+    def set_schedules(self, step: int, values: dict[str, float]) -> None:
+        """Called before every optimizer step with the values of :meth:`schedules` at ``step``."""
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """No-grad updates after the optimizer step (EMA teacher, centers)."""
 
-    def encoder(self) -> nn.Module:
-        """The backbone that export uses (and evaluation, unless ``eval_encoders`` says more)."""
-        raise NotImplementedError(f"{type(self).__name__} must define encoder()")
-
-    def eval_encoders(self) -> dict[str, nn.Module]:
-        """Encoders to evaluate by name; the first is the run's headline (e.g. teacher and student)."""
-        return {"": self.encoder()}
+    def eval_bundle(self) -> EvalBundle:
+        raise NotImplementedError(f"{type(self).__name__} must define eval_bundle()")
 
     def rank_state(self) -> dict[str, Any]:
         """State of this rank that DeepSpeed does not checkpoint (e.g. fp32 teacher shards)."""
@@ -68,7 +164,7 @@ class Objective(nn.Module):
         return set()
 
     def flops_per_sample(self) -> float:
-        """Model FLOPs (forward + backward) per training sample, for MFU."""
+        """Model FLOPs (forward + backward) per training sample, for MFU and scaling laws."""
         raise NotImplementedError(f"{type(self).__name__} must define flops_per_sample()")
 
     def tokens_per_sample(self) -> int:
@@ -81,5 +177,5 @@ class Objective(nn.Module):
         return {}
 
     def log_scalars(self) -> dict[str, float]:
-        """Extra per-step scalars the method wants logged (schedules, temperatures)."""
+        """Extra per-step scalars the method wants logged."""
         return {}

@@ -16,6 +16,15 @@ the EMA momentum follows a cosine from ``momentum_start`` to ``momentum_end``.
 The teacher is an fp32 EMA of the student under every ZeRO stage
 (``pretrain.models.ema``); it is the encoder exported and the headline of
 kNN evaluation (the student is evaluated too).
+
+Any backbone of ``pretrain.models.backbones`` trains: our ViT, ``timm:`` 2D
+models (a ResNet as in DINO v1), ``monai:`` 3D networks. iBOT masks patch
+tokens and so needs the ViT; with another backbone set ``ibot_weight: 0``.
+
+Loss weighting (``loss_weighting``): ``dinov2`` (default) is DINOv2's: KoLeo
+summed over the global crops, iBOT's per-image means summed and divided by
+the number of global-crop images. ``mean`` averages KoLeo over the global
+crops and iBOT over the images that have masked patches.
 """
 from __future__ import annotations
 
@@ -30,15 +39,18 @@ from torch import nn
 
 from pretrain.data.block_mask import sample_mask
 from pretrain.data.multicrop import MultiCropSpec, collate_crops, multi_crop
+from pretrain.config.registry import register_objective
+from pretrain.config.typed import ConfigError
 from pretrain.data.transforms import sample_rng
 from pretrain.losses.centering import RunningCenter, sinkhorn_knopp
 from pretrain.losses.dino_loss import dino_loss
 from pretrain.losses.ibot_loss import ibot_loss
 from pretrain.losses.koleo_loss import koleo_loss
 from pretrain.models.ema import EMATeacher, merge_rank_states
+from pretrain.models.backbones import build_backbone
 from pretrain.models.heads import DINOHead
-from pretrain.models.vit import VisionTransformer
-from pretrain.objectives.base import Objective
+from pretrain.objectives.base import BuildContext, DataRecipe, EvalBundle, Objective
+from pretrain.optim.schedules import Schedule
 
 NAME = "dino"
 
@@ -58,6 +70,7 @@ class Config:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
+    loss_weighting: Literal["dinov2", "mean"] = "dinov2"  # how KoLeo and iBOT are normalised (module docstring)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -73,7 +86,6 @@ class Config:
     momentum_end: float = 1.0
     freeze_last_layer_steps: int = 0  # DINOv2 freezes the prototypes for its first epoch
     init_from: str = ""  # continued pretraining: our run/checkpoint/export, or a timm-format state dict
-    eval_pool: str = "cls"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.momentum_start <= self.momentum_end <= 1.0:
@@ -86,24 +98,21 @@ class Config:
                 raise ValueError(f"objective.{name} must be positive, got {getattr(self, name)}")
 
 
-def cosine_momentum(step: int, total: int, start: float, end: float) -> float:
-    """EMA momentum: ``start`` at step 0 rising along a half cosine to ``end`` at the last step."""
-    progress = min(step / max(total - 1, 1), 1.0)
-    return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
+def momentum_schedule(cfg: Config) -> Schedule:
+    """EMA momentum: a half cosine from ``momentum_start`` to ``momentum_end``."""
+    return Schedule(cfg.momentum_start, cfg.momentum_end, "cosine")
 
 
-def teacher_temperature(step: int, total: int, cfg: Config) -> float:
+def teacher_temp_schedule(cfg: Config) -> Schedule:
     """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up fraction, then constant."""
-    warmup = int(cfg.teacher_temp_warmup_fraction * total)
-    if warmup <= 0 or step >= warmup:
-        return cfg.teacher_temp
-    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warmup
+    return Schedule(cfg.teacher_temp, shape="constant", warmup_fraction=cfg.teacher_temp_warmup_fraction,
+                    warmup_from=cfg.warmup_teacher_temp)
 
 
 class _Tower(nn.Module):
     """Backbone and heads: the student, and (a copy) the teacher."""
 
-    def __init__(self, backbone: VisionTransformer, cfg: Config) -> None:
+    def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()
         dim = backbone.embed_dim
         self.backbone = backbone
@@ -118,19 +127,49 @@ class _Tower(nn.Module):
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
 
+class DINORecipe(DataRecipe):
+    """Multi-crop views and, for the ViT, iBOT block masks of the global crops."""
+
+    def __init__(self, cfg: Config, in_chans: int, intensity: str, global_grid: tuple[int, ...] | None) -> None:
+        self.cfg, self.in_chans, self.intensity, self.global_grid = cfg, in_chans, intensity, global_grid
+
+    def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        rng = sample_rng(sample)
+        views = multi_crop(sample["image"], self.cfg.crops, rng, self.in_chans, self.intensity, key=sample["__key__"])
+        if self.global_grid is None:
+            return views
+        masks = np.stack([sample_mask(self.global_grid, rng, tuple(self.cfg.mask_ratio), self.cfg.mask_probability)
+                          for _ in views["global_crops"]])
+        return {**views, "masks": torch.from_numpy(masks)}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_crops(samples)
+        if self.global_grid is not None:
+            # Crop-major like the crops: all samples' mask of global crop 0, then of crop 1, ...
+            batch["masks"] = torch.stack([s["masks"] for s in samples], dim=1).flatten(0, 1)
+        return batch
+
+
 class DINO(Objective):
-    def __init__(self, run_cfg) -> None:
-        super().__init__()
+    def __init__(self, run_cfg, ctx: BuildContext) -> None:
+        super().__init__(ctx)
         self.cfg: Config = run_cfg.objective
-        self.model_cfg = run_cfg.model
-        self.intensity = run_cfg.data.intensity
+        self.batch_size, self.total_steps = run_cfg.data.batch_size, run_cfg.train.steps
         crops = self.cfg.crops
-        backbone = VisionTransformer(run_cfg.model)
-        self.patch = backbone.patch_size
-        for name, size in (("global_size", crops.global_size), ("local_size", crops.local_size)):
-            if len(size) != len(self.patch) or any(s % p for s, p in zip(size, self.patch)):
-                raise ValueError(f"objective.crops.{name} {list(size)} must have one size per spatial axis "
-                                 f"({len(self.patch)}), each a multiple of the patch {list(self.patch)}")
+        backbone = build_backbone(run_cfg.model)
+        self.use_ibot = self.cfg.ibot_weight > 0
+        if self.use_ibot and not backbone.supports_token_mask:
+            raise ConfigError(f"config key 'objective.ibot_weight': iBOT masks patch tokens, which "
+                              f"{run_cfg.model.name!r} has none of; set objective.ibot_weight=0 (or model.name=vit)")
+        if self.cfg.init_from and run_cfg.model.name != "vit":
+            raise ConfigError("config key 'objective.init_from': continued pretraining loads ViT weights; "
+                              f"model.name is {run_cfg.model.name!r}")
+        patch = getattr(backbone, "patch_size", None)
+        if patch is not None:
+            for name, size in (("global_size", crops.global_size), ("local_size", crops.local_size)):
+                if len(size) != len(patch) or any(s % p for s, p in zip(size, patch)):
+                    raise ValueError(f"objective.crops.{name} {list(size)} must have one size per spatial axis "
+                                     f"({len(patch)}), each a multiple of the patch {list(patch)}")
         self.global_grid = backbone.grid_size(crops.global_size)
         self.prefix = backbone.num_prefix_tokens
         if self.cfg.init_from:
@@ -140,32 +179,24 @@ class DINO(Objective):
         self.student = _Tower(backbone, self.cfg)
         # The teacher starts as the student; it needs no stochastic depth (it never trains).
         self.teacher = copy.deepcopy(self.student)
-        for block in self.teacher.backbone.blocks:
+        for block in getattr(self.teacher.backbone, "blocks", []):
             block.drop_path = nn.Identity()
         self.teacher.requires_grad_(False)
-        self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.use_ibot:
+            self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
+            nn.init.normal_(self.mask_token, std=0.02)
         self.ema = EMATeacher(self.student, self.teacher)
         if self.cfg.centering == "softmax":
             self.cls_center = RunningCenter(self.cfg.prototypes, self.cfg.center_momentum)
             self.patch_center = RunningCenter(self.student.patch_head().last_layer_v.shape[0], self.cfg.center_momentum)
-        self.teacher_temp = teacher_temperature(0, 1, self.cfg)
+        self._schedules = {"momentum": momentum_schedule(self.cfg), "teacher_temp": teacher_temp_schedule(self.cfg)}
+        self.teacher_temp = self._schedules["teacher_temp"](0, 1)
         self.momentum = self.cfg.momentum_start
+        self._recipe = DINORecipe(self.cfg, run_cfg.model.in_chans, run_cfg.data.intensity,
+                                  self.global_grid if self.use_ibot else None)
 
-    # --- CPU side -------------------------------------------------------------------------
-    def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
-        rng = sample_rng(sample)
-        views = multi_crop(sample["image"], self.cfg.crops, rng, self.model_cfg.in_chans, self.intensity,
-                           key=sample["__key__"])
-        masks = np.stack([sample_mask(self.global_grid, rng, tuple(self.cfg.mask_ratio), self.cfg.mask_probability)
-                          for _ in views["global_crops"]])
-        return {**views, "masks": torch.from_numpy(masks)}
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collate_crops(samples)
-        # Crop-major like the crops: all samples' mask of global crop 0, then of crop 1, ...
-        batch["masks"] = torch.stack([s["masks"] for s in samples], dim=1).flatten(0, 1)
-        return batch
+    def data_recipe(self) -> DINORecipe:
+        return self._recipe
 
     # --- device side ----------------------------------------------------------------------
     def _targets(self, logits: torch.Tensor, center: RunningCenter | None) -> torch.Tensor:
@@ -179,38 +210,46 @@ class DINO(Objective):
         n_global, n_local = self.cfg.crops.n_global, self.cfg.crops.n_local
         dtype = self.compute_dtype
         globals_ = batch["global_crops"].to(dtype)
-        masks = batch["masks"].bool()
         batch_size = globals_.shape[0] // n_global
-        softmax = self.cfg.centering == "softmax"
+        center = self.cfg.centering == "softmax"
+        masks = batch["masks"].bool() if self.use_ibot else None
 
         with torch.no_grad():
             t_tokens = self.teacher.backbone.forward_features(globals_)
-            t_cls_logits = self.teacher.dino_head(t_tokens[:, 0])
-            t_patch_logits = self.teacher.patch_head()(t_tokens[:, self.prefix:][masks])
-            t_cls = self._targets(t_cls_logits, self.cls_center if softmax else None)
-            t_patch = self._targets(t_patch_logits, self.patch_center if softmax else None)
+            t_cls = self._targets(self.teacher.dino_head(t_tokens[:, 0]), self.cls_center if center else None)
+            if self.use_ibot:
+                t_patch_logits = self.teacher.patch_head()(t_tokens[:, self.prefix:][masks])
+                t_patch = self._targets(t_patch_logits, self.patch_center if center else None)
 
-        s_tokens = self.student.backbone.forward_features(globals_, mask=masks, mask_token=self.mask_token)
+        if self.use_ibot:
+            s_tokens = self.student.backbone.forward_features(globals_, mask=masks, mask_token=self.mask_token)
+        else:
+            s_tokens = self.student.backbone.forward_features(globals_)
         s_cls = s_tokens[:, 0]
         student_logits = list(self.student.dino_head(s_cls).chunk(n_global))
         if n_local:
-            locals_ = batch["local_crops"].to(dtype)
-            s_local_cls = self.student.backbone.forward_features(locals_)[:, 0]
+            s_local_cls = self.student.backbone.forward_features(batch["local_crops"].to(dtype))[:, 0]
             student_logits += list(self.student.dino_head(s_local_cls).chunk(n_local))
-        s_patch_logits = self.student.patch_head()(s_tokens[:, self.prefix:][masks])
-
         loss_dino = dino_loss(student_logits, list(t_cls.chunk(n_global)), self.cfg.student_temp)
-        sample_index = masks.nonzero()[:, 0]
-        loss_ibot = ibot_loss(s_patch_logits, t_patch, sample_index, n_global * batch_size, self.cfg.student_temp)
-        loss_koleo = sum(koleo_loss(c) for c in s_cls.chunk(n_global)) / n_global
-        loss = self.cfg.dino_weight * loss_dino + self.cfg.ibot_weight * loss_ibot + self.cfg.koleo_weight * loss_koleo
-        return {"loss": loss, "dino": loss_dino.detach(), "ibot": loss_ibot.detach(), "koleo": loss_koleo.detach(),
-                "masked_fraction": masks.float().mean()}
+        koleo_terms = [koleo_loss(c) for c in s_cls.chunk(n_global)]
+        dinov2 = self.cfg.loss_weighting == "dinov2"
+        loss_koleo = sum(koleo_terms) if dinov2 else sum(koleo_terms) / n_global
+        out = {"dino": loss_dino.detach(), "koleo": loss_koleo.detach()}
+        loss = self.cfg.dino_weight * loss_dino + self.cfg.koleo_weight * loss_koleo
+        if self.use_ibot:
+            s_patch_logits = self.student.patch_head()(s_tokens[:, self.prefix:][masks])
+            loss_ibot = ibot_loss(s_patch_logits, t_patch, masks.nonzero()[:, 0], n_global * batch_size,
+                                  self.cfg.student_temp, divide_by="batch" if dinov2 else "masked_images")
+            loss = loss + self.cfg.ibot_weight * loss_ibot
+            out.update(ibot=loss_ibot.detach(), masked_fraction=masks.float().mean())
+        return {"loss": loss, **out}
 
     # --- hooks ----------------------------------------------------------------------------
-    def set_progress(self, step: int, total_steps: int) -> None:
-        self.teacher_temp = teacher_temperature(step, total_steps, self.cfg)
-        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_start, self.cfg.momentum_end)
+    def schedules(self) -> dict[str, Schedule]:
+        return dict(self._schedules)
+
+    def set_schedules(self, step: int, values: dict[str, float]) -> None:
+        self.teacher_temp, self.momentum = values["teacher_temp"], values["momentum"]
         frozen = step < self.cfg.freeze_last_layer_steps
         for head in (self.student.dino_head, self.student.ibot_head):
             if head is not None:
@@ -221,14 +260,10 @@ class DINO(Objective):
         self.ema.update(self.momentum)
 
     def log_scalars(self) -> dict[str, float]:
-        return {"dino/teacher_temp": self.teacher_temp, "dino/momentum": self.momentum,
-                "dino/last_layer_frozen": float(self.student.dino_head.freeze_last_layer)}
+        return {"dino/last_layer_frozen": float(self.student.dino_head.freeze_last_layer)}
 
-    def encoder(self) -> nn.Module:
-        return self.teacher.backbone
-
-    def eval_encoders(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher.backbone, "student": self.student.backbone}
+    def eval_bundle(self) -> EvalBundle:
+        return EvalBundle({"teacher": self.teacher.backbone, "student": self.student.backbone}, pool="cls")
 
     def rank_state(self) -> dict[str, Any]:
         return {"ema_teacher": self.ema.state_dict()}
@@ -245,18 +280,54 @@ class DINO(Objective):
         self.teacher.load_state_dict(merged, strict=False)
         return {f"teacher.{name}" for name in merged}
 
+    def _tokens(self, size: tuple[int, ...]) -> int:
+        return math.prod(self.student.backbone.grid_size(size)) + self.prefix
+
     def tokens_per_sample(self) -> int:
         crops = self.cfg.crops
-        local = math.prod(g // p for g, p in zip(crops.local_size, self.patch))
-        return crops.n_global * (math.prod(self.global_grid) + self.prefix) + crops.n_local * (local + self.prefix)
+        return crops.n_global * self._tokens(crops.global_size) + crops.n_local * self._tokens(crops.local_size)
+
+    def expected_masked_patches(self) -> float:
+        """Masked patches per sample over its global crops (iBOT head inputs), in expectation."""
+        if not self.use_ibot:
+            return 0.0
+        n = math.prod(self.global_grid)
+        low, high = self.cfg.mask_ratio
+        # each masked crop hides round(ratio * N) >= 1 patches; the mean ratio is exact for a fixed ratio
+        return self.cfg.crops.n_global * self.cfg.mask_probability * max(1.0, round((low + high) / 2 * n))
 
     def flops_per_sample(self) -> float:
-        """Student forward + backward on every crop (3x forward) plus the teacher's forward on the globals."""
-        crops, vit = self.cfg.crops, self.student.backbone
-        g = vit.flops_per_sample(crops.global_size)
-        loc = vit.flops_per_sample(crops.local_size) if crops.n_local else 0.0
-        return 3.0 * (crops.n_global * g + crops.n_local * loc) + crops.n_global * g
+        """Student forward + backward on every crop, the teacher's forward on the global crops, their
+        heads, and KoLeo's pairwise similarities (matmuls only, as FlopCounterMode counts them)."""
+        crops, backbone = self.cfg.crops, self.student.backbone
+        student = crops.n_global * backbone.train_flops(crops.global_size)
+        if crops.n_local:
+            student += crops.n_local * backbone.train_flops(crops.local_size)
+        teacher = crops.n_global * backbone.forward_flops(crops.global_size)
+        frozen = self.cfg.freeze_last_layer_steps >= self.total_steps  # the prototypes never train
+        heads = _head_flops(self.student.dino_head, crops.n_global + crops.n_local, train=True, frozen=frozen)
+        heads += _head_flops(self.teacher.dino_head, crops.n_global, train=False)
+        masked = self.expected_masked_patches()
+        if masked:
+            heads += _head_flops(self.student.patch_head(), masked, train=True, frozen=frozen)
+            heads += _head_flops(self.teacher.patch_head(), masked, train=False)
+        koleo = crops.n_global * 2 * self.batch_size * backbone.embed_dim  # (B x D) @ (D x B) per crop, per sample
+        return student + teacher + heads + koleo
 
 
-def build(run_cfg) -> DINO:
-    return DINO(run_cfg)
+def _head_flops(head: DINOHead, tokens: float, *, train: bool, frozen: bool = False) -> float:
+    """A DINO head on ``tokens`` inputs: its linear layers and the prototype matmul; the backward
+    computes input and weight gradients (no weight gradient for frozen prototypes)."""
+    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    mlp = sum(2 * m.in_features * m.out_features for m in linears) * tokens
+    protos = 2 * head.last_layer_v.numel() * tokens
+    if not train:
+        return mlp + protos
+    return 3 * mlp + (2 if frozen else 3) * protos
+
+
+def build(run_cfg, ctx: BuildContext) -> DINO:
+    return DINO(run_cfg, ctx)
+
+
+register_objective(NAME, Config, build)

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.config.registry import register_objective
+from pretrain.config.typed import ConfigError
 from pretrain.data.transforms import check_spatial_dims, match_channels, random_flip, random_resized_crop, sample_rng, to_tensor
-from pretrain.models.pos_embed import sincos_pos_embed
 from pretrain.models.blocks import Block
+from pretrain.models.pos_embed import sincos_pos_embed
 from pretrain.models.vit import VisionTransformer
-from pretrain.objectives.base import Objective
+from pretrain.objectives.base import BuildContext, DataRecipe, EvalBundle, Objective
 
 NAME = "mae"
 
@@ -68,14 +70,36 @@ def unpatchify(x_BNP: torch.Tensor, patch: tuple[int, ...], grid: tuple[int, ...
     return x.reshape(B, channels, *[g * p for g, p in zip(grid, patch)])
 
 
+class MAERecipe(DataRecipe):
+    """Random resized crop, flips, and the per-patch noise that decides the mask."""
+
+    def __init__(self, cfg: Config, img_size: tuple[int, ...], in_chans: int, intensity: str, num_patches: int) -> None:
+        self.cfg, self.img_size, self.in_chans = cfg, img_size, in_chans
+        self.intensity, self.num_patches = intensity, num_patches
+
+    def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        key = sample["__key__"]
+        rng = sample_rng(sample)
+        x = match_channels(to_tensor(sample["image"], self.intensity), self.in_chans, key)
+        check_spatial_dims(x, len(self.img_size), key)
+        x, _ = random_resized_crop(x, self.img_size, rng, scale=tuple(self.cfg.crop_scale))
+        x = random_flip(x, rng, [a % len(self.img_size) for a in self.cfg.flip_axes])
+        noise = torch.from_numpy(rng.random(self.num_patches, dtype="float32"))
+        return {"image": x.contiguous(), "mask_noise": noise}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"image": torch.stack([s["image"] for s in samples]),
+                "mask_noise": torch.stack([s["mask_noise"] for s in samples])}
+
+
 class MAE(Objective):
-    def __init__(self, run_cfg) -> None:
-        super().__init__()
+    def __init__(self, run_cfg, ctx: BuildContext) -> None:
+        super().__init__(ctx)
         self.cfg: Config = run_cfg.objective
-        self.model_cfg = run_cfg.model
-        self.intensity = run_cfg.data.intensity
+        if run_cfg.model.name != "vit":
+            raise ConfigError(f"config key 'model.name': MAE hides patches by dropping ViT tokens and needs "
+                              f"model.name=vit, got {run_cfg.model.name!r} (DINO takes timm and MONAI backbones)")
         self.backbone = VisionTransformer(run_cfg.model)
-        self.eval_pool = self.cfg.eval_pool
         enc = self.backbone
         self.img_size = run_cfg.model.img_size_tuple()
         self.patch = enc.patch_size
@@ -89,7 +113,7 @@ class MAE(Objective):
         pos = torch.cat([torch.zeros(1, d), sincos_pos_embed(self.grid, d)])
         self.decoder_pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(d, self.cfg.decoder_heads, 4 * d, qkv_bias=True, attn_backend=run_cfg.model.attn_backend)
+            Block(d, self.cfg.decoder_heads, 4 * d, qkv_bias=True)
             for _ in range(self.cfg.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
@@ -101,20 +125,11 @@ class MAE(Objective):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    # --- CPU side -------------------------------------------------------------------------
-    def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
-        key = sample["__key__"]
-        rng = sample_rng(sample)
-        x = match_channels(to_tensor(sample["image"], self.intensity), self.model_cfg.in_chans, key)
-        check_spatial_dims(x, len(self.img_size), key)
-        x, _ = random_resized_crop(x, self.img_size, rng, scale=tuple(self.cfg.crop_scale))
-        axes = [a % len(self.img_size) for a in self.cfg.flip_axes]
-        x = random_flip(x, rng, axes)
-        noise = torch.from_numpy(rng.random(self.num_patches, dtype="float32"))
-        return {"image": x.contiguous(), "mask_noise": noise}
+        self._recipe = MAERecipe(self.cfg, self.img_size, run_cfg.model.in_chans, run_cfg.data.intensity,
+                                 self.num_patches)
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"image": torch.stack([s["image"] for s in samples]), "mask_noise": torch.stack([s["mask_noise"] for s in samples])}
+    def data_recipe(self) -> MAERecipe:
+        return self._recipe
 
     # --- device side ----------------------------------------------------------------------
     def masking(self, noise_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,19 +172,21 @@ class MAE(Objective):
         return {"loss": loss, "visible_mse": visible_mse.detach(), "_pred": pred.detach(), "_mask": mask}
 
     # --- hooks ----------------------------------------------------------------------------
-    def encoder(self) -> nn.Module:
-        return self.backbone
+    def eval_bundle(self) -> EvalBundle:
+        return EvalBundle({"encoder": self.backbone}, pool=self.cfg.eval_pool)
 
     def tokens_per_sample(self) -> int:
         return self.len_keep + self.backbone.num_prefix_tokens
 
     def flops_per_sample(self) -> float:
-        enc = self.backbone.flops_per_sample(self.img_size, num_tokens_kept=self.len_keep)
+        """Encoder on the visible tokens and decoder on all, forward + backward (matmuls only)."""
+        enc = self.backbone.train_flops(self.img_size, num_tokens_kept=self.len_keep)
         d, t = self.cfg.decoder_dim, self.num_patches + 1
-        # per decoder block: qkv + proj (4 d^2), scores + weighted sum (2 t d), MLP (8 d^2); 2 FLOPs per MAC
+        # per decoder block: qkv + proj (4 d^2), MLP (8 d^2) per token, scores + weighted sum (2 t d); 2 FLOPs per MAC
         per_block = 2 * t * (4 * d * d + 8 * d * d) + 2 * 2 * t * t * d
-        dec = self.cfg.decoder_depth * per_block + 2 * t * d * (self.backbone.embed_dim + self.decoder_pred.out_features)
-        return 3.0 * (enc + dec)  # forward + backward (twice the forward)
+        dec = self.cfg.decoder_depth * per_block + 2 * t * d * self.decoder_pred.out_features
+        embed = 2 * self.tokens_per_sample() * self.backbone.embed_dim * d  # decoder_embed on the visible tokens
+        return enc + 3.0 * (dec + embed)  # the decoder's backward is twice its forward
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any], outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,5 +209,8 @@ class MAE(Objective):
         return {"mae/original_masked_reconstruction": row[:3] if channels >= 3 else row[:1]}
 
 
-def build(run_cfg) -> MAE:
-    return MAE(run_cfg)
+def build(run_cfg, ctx: BuildContext) -> MAE:
+    return MAE(run_cfg, ctx)
+
+
+register_objective(NAME, Config, build)

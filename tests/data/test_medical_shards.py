@@ -285,7 +285,7 @@ def test_trainer_stream_reads_converted_dicom_and_nifti(dataset, tmp_path: Path)
         "objective.decoder_depth=1", "objective.decoder_heads=2",
     ])
     objective = build_objective(cfg)
-    batch = next(iter(build_train_stream(cfg, objective, rank=0, world_size=1, start_batch=0)))
+    batch = next(iter(build_train_stream(cfg, objective.data_recipe(), rank=0, world_size=1, start_batch=0)))
     assert batch["image"].shape == (3, 1, 16, 16, 16) and torch.isfinite(batch["image"]).all()
     assert batch["_stream"]["bad_samples"] == 0
     assert torch.isfinite(objective(batch)["loss"])

@@ -139,6 +139,7 @@ def test_latest_is_always_complete_old_ones_pruned_and_config_stored(tiny_yaml: 
         assert load_config(ckpt_dir / tag / "config.yaml") == expected, tag
 
 
+@pytest.mark.slow
 def test_leftover_partial_folders_do_not_break_resume_and_are_removed(one_rank_run: Path, tmp_path: Path,
                                                                        tiny_yaml: Path):
     run_dir = tmp_path / "run"
@@ -165,6 +166,7 @@ def _two_rank_run(tiny_yaml: Path, work: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_ranks, resumed_ranks", [(1, 2), (2, 1)])
 def test_resume_with_another_world_size_fails_clearly_on_every_rank(saved_ranks: int, resumed_ranks: int,
                                                                    one_rank_run: Path, tiny_yaml: Path,
@@ -186,6 +188,7 @@ def test_resume_with_another_world_size_fails_clearly_on_every_rank(saved_ranks:
     assert (ckpt.latest_tag(ckpt_dir), _step_folders(ckpt_dir)) == before, "a refused resume must not touch the checkpoints"
 
 
+@pytest.mark.slow
 def test_resume_with_another_data_layout_fails_clearly(one_rank_run: Path, tiny_yaml: Path, tmp_path: Path):
     """More DataLoader workers split the shards differently: the resume could not be exact."""
     run_dir = tmp_path / "run"
@@ -198,6 +201,7 @@ def test_resume_with_another_data_layout_fails_clearly(one_rank_run: Path, tiny_
     assert ckpt.latest_tag(run_dir / "checkpoints") == "step_00000004"
 
 
+@pytest.mark.slow
 def test_an_error_on_one_rank_ends_every_rank(tiny_yaml: Path, tmp_path: Path):
     """Rank 1 fails at start-up while rank 0 trains on: both must exit by themselves, the error shown."""
     missing = tmp_path / "no_such_shards"

@@ -15,6 +15,8 @@ import pytest
 from pretrain.engine.checkpoint import COMPLETE, LATEST
 from tests.engine.conftest import RankGroup, loss_curve, read_losses, run_ranks, train_args
 
+pytestmark = pytest.mark.slow  # every test here starts training processes
+
 STEPS = 30
 CKPT_EVERY = 10
 # Observed: bit-identical losses (difference 0.0) for 1 rank and for 2 ranks with ZeRO-2.

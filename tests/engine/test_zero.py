@@ -17,6 +17,8 @@ from pretrain.config import load_config
 from pretrain.objectives import build_objective
 from tests.engine.conftest import loss_curve, run_ranks, train_args
 
+pytestmark = pytest.mark.slow  # every test here starts training processes
+
 STEPS = 10
 FP32_STAGE_RTOL = 1e-5  # observed: bit-identical curves for ZeRO-1/2/3 vs ZeRO-0 (2 ranks, fp32)
 BF16_VS_FP32_RTOL = 1e-2  # observed: 1.1e-4 largest relative difference over 10 steps

@@ -69,6 +69,7 @@ def sleeper_pids(path: Path, timeout: float = 20.0) -> list[int]:
     return [int(p) for p in path.read_text().split()]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_to_the_end(tiny_yaml: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     code = launch_local(tiny_yaml, [f"train.run_dir={run_dir}", "train.steps=3", "train.ckpt_every=3"], 2,
@@ -82,6 +83,7 @@ def test_two_ranks_train_to_the_end(tiny_yaml: Path, tmp_path: Path):
     assert "terminate called" not in logs
 
 
+@pytest.mark.slow
 def test_bad_shard_path_fails_every_rank_with_the_path_in_each_log(tiny_yaml: Path, tmp_path: Path, capfd):
     missing = tmp_path / "no_such_shards"
     code = launch_local(tiny_yaml, [f"train.run_dir={tmp_path / 'run'}", f"data.train={missing}"], 2,

@@ -171,7 +171,7 @@ def test_keep_idx_gathers_patch_tokens_after_position():
         for block in model.blocks:
             seq = block(seq)
         torch.testing.assert_close(model.forward_features(x, keep_idx=keep), model.norm(seq))
-    assert model.flops_per_sample(num_tokens_kept=3) < model.flops_per_sample()
+    assert model.forward_flops(num_tokens_kept=3) < model.forward_flops()
 
 
 def test_mask_token_replaces_patches_before_position_embedding():
@@ -243,7 +243,7 @@ def test_flops_match_hand_formula_and_flop_counter():
     patch = 2 * 4 * 16 * 8
     qkv, scores, attn_v, proj = 2 * 5 * 8 * 24, 2 * 5 * 5 * 8, 2 * 5 * 5 * 8, 2 * 5 * 8 * 8
     mlp = 2 * 5 * 8 * 32 * 2
-    assert model.flops_per_sample() == patch + qkv + scores + attn_v + proj + mlp == 9504
+    assert model.forward_flops() == patch + qkv + scores + attn_v + proj + mlp == 9504
     cases = [(tiny(), None), (tiny(mlp="swiglu", num_register_tokens=2), 5), (tiny(spatial_dims=3, img_size=16), 3)]
     for cfg, kept in cases:
         model = seeded_model(cfg)
@@ -254,7 +254,7 @@ def test_flops_match_hand_formula_and_flop_counter():
         # The counter sees the linear layers but not CPU SDPA; add the two attention matmuls by hand.
         tokens = model.num_prefix_tokens + (model.num_patches() if kept is None else kept)
         attention_matmuls = cfg.depth * 2 * (2 * tokens * tokens * cfg.embed_dim)
-        assert counter.get_total_flops() + 2 * attention_matmuls == 2 * model.flops_per_sample(num_tokens_kept=kept)
+        assert counter.get_total_flops() + 2 * attention_matmuls == 2 * model.forward_flops(num_tokens_kept=kept)
 
 
 # --------------------------------------------------------------- validation
@@ -272,7 +272,6 @@ def test_flops_match_hand_formula_and_flop_counter():
         (dict(preset="small", depth=6), r"ViTConfig.depth: 6 conflicts with preset 'small' \(depth=12\)"),
         (dict(mlp="relu"), "ViTConfig.mlp: must be 'gelu' or 'swiglu'"),
         (dict(pos_embed="rope"), "ViTConfig.pos_embed"),
-        (dict(attn_backend="tpu"), "ViTConfig.attn_backend: 'tpu' is not one of"),
         (dict(drop_path_rate=1.0), "ViTConfig.drop_path_rate"),
         (dict(layer_scale_init=0.0), "ViTConfig.layer_scale_init"),
     ],

@@ -11,7 +11,7 @@ from torch import nn
 from pretrain.config import load_config
 from pretrain.models.ema import EMATeacher, merge_rank_states
 from pretrain.objectives import build_objective
-from pretrain.objectives.dino import cosine_momentum, teacher_temperature
+from pretrain.objectives.dino import momentum_schedule, teacher_temp_schedule
 
 
 def _config(spatial_dims: int = 2, **objective):
@@ -35,20 +35,23 @@ def _samples(n: int, shape=(1, 40, 40), seed: int = 0) -> list[dict]:
 
 
 def test_schedules():
-    assert cosine_momentum(0, 101, 0.99, 1.0) == pytest.approx(0.99)
-    assert cosine_momentum(50, 101, 0.99, 1.0) == pytest.approx(0.995)
-    assert cosine_momentum(100, 101, 0.99, 1.0) == pytest.approx(1.0)
-    cfg = _config(teacher_temp=0.07, warmup_teacher_temp=0.04, teacher_temp_warmup_fraction=0.5).objective
-    assert teacher_temperature(0, 100, cfg) == pytest.approx(0.04)
-    assert teacher_temperature(25, 100, cfg) == pytest.approx(0.055)
-    assert teacher_temperature(50, 100, cfg) == teacher_temperature(99, 100, cfg) == pytest.approx(0.07)
+    cfg = _config(teacher_temp=0.07, warmup_teacher_temp=0.04, teacher_temp_warmup_fraction=0.5,
+                  momentum_start=0.99, momentum_end=1.0).objective
+    momentum, temp = momentum_schedule(cfg), teacher_temp_schedule(cfg)
+    assert momentum(0, 100) == pytest.approx(0.99)
+    assert momentum(50, 100) == pytest.approx(0.995)
+    assert momentum(100, 100) == pytest.approx(1.0)
+    assert momentum(25, 100) < momentum(50, 100) < momentum(75, 100)
+    assert temp(0, 100) == pytest.approx(0.04)
+    assert temp(25, 100) == pytest.approx(0.055)
+    assert temp(50, 100) == temp(99, 100) == pytest.approx(0.07)
 
 
 @pytest.mark.parametrize("dims, image, grid", [(2, (1, 40, 40), 9), (3, (1, 20, 20, 20), 216)])
 def test_views_masks_and_losses_2d_3d(dims, image, grid):
     torch.manual_seed(0)
     obj = build_objective(_config(dims, mask_probability=1.0, mask_ratio=[0.2, 0.4]))
-    batch = obj.collate([obj.transform(s) for s in _samples(4, image)])
+    batch = obj.data_recipe().collate([obj.data_recipe().transform(s) for s in _samples(4, image)])
     g = [24] * dims
     assert tuple(batch["global_crops"].shape) == (8, 1, *g)
     assert tuple(batch["local_crops"].shape) == (12, 1, *([16, 16] if dims == 2 else [8, 8, 8]))
@@ -56,7 +59,7 @@ def test_views_masks_and_losses_2d_3d(dims, image, grid):
     ratios = batch["masks"].float().mean(dim=1)
     assert ((ratios >= 0.2 - 1 / grid) & (ratios <= 0.4 + 1 / grid)).all(), ratios
     # Crop-major masks: row c * B + b belongs to sample b's crop c, as the crops do.
-    one = obj.transform(_samples(4, image)[1])
+    one = obj.data_recipe().transform(_samples(4, image)[1])
     assert torch.equal(batch["masks"][4 + 1], one["masks"][1])
     assert torch.equal(batch["global_crops"][4 + 1], one["global_crops"][1])
     out = obj(batch)
@@ -72,7 +75,7 @@ def test_views_masks_and_losses_2d_3d(dims, image, grid):
 
 def test_same_seed_same_views_resume_safe():
     obj = build_objective(_config())
-    a, b = obj.transform(_samples(1)[0]), obj.transform(_samples(1)[0])
+    a, b = obj.data_recipe().transform(_samples(1)[0]), obj.data_recipe().transform(_samples(1)[0])
     assert all(torch.equal(x, y) for x, y in zip(a["local_crops"], b["local_crops"]))
     assert torch.equal(a["masks"], b["masks"])
 
@@ -81,7 +84,7 @@ def test_same_seed_same_views_resume_safe():
 def test_batch_of_one_in_bf16_stays_finite(centering):
     torch.manual_seed(0)
     obj = build_objective(_config(centering=centering, mask_probability=1.0)).to(torch.bfloat16)
-    batch = obj.collate([obj.transform(s) for s in _samples(1)])
+    batch = obj.data_recipe().collate([obj.data_recipe().transform(s) for s in _samples(1)])
     for _ in range(2):
         out = obj(batch)
         assert all(torch.isfinite(v.float()).all() for v in out.values()), out
@@ -134,12 +137,12 @@ def test_ema_state_round_trips_and_merges_zero3_like_shards():
 
 def test_frozen_prototypes_get_no_gradient_during_the_first_steps():
     obj = build_objective(_config(freeze_last_layer_steps=3))
-    batch = obj.collate([obj.transform(s) for s in _samples(2)])
-    obj.set_progress(2, 100)
+    batch = obj.data_recipe().collate([obj.data_recipe().transform(s) for s in _samples(2)])
+    obj.set_schedules(2, {"teacher_temp": 0.04, "momentum": 0.99})
     obj(batch)["loss"].backward()
     assert obj.student.dino_head.last_layer_v.grad is None
     obj.zero_grad()
-    obj.set_progress(3, 100)
+    obj.set_schedules(3, {"teacher_temp": 0.04, "momentum": 0.99})
     obj(batch)["loss"].backward()
     assert obj.student.dino_head.last_layer_v.grad.abs().sum() > 0
 
@@ -175,7 +178,7 @@ def test_ibot_uses_its_own_head_only_when_asked(separate):
     obj = build_objective(_config(separate_ibot_head=separate, ibot_prototypes=32, mask_probability=1.0,
                                   dino_weight=0.0, koleo_weight=0.0))
     assert (obj.student.patch_head() is obj.student.ibot_head) == separate
-    batch = obj.collate([obj.transform(s) for s in _samples(2)])
+    batch = obj.data_recipe().collate([obj.data_recipe().transform(s) for s in _samples(2)])
     obj(batch)["loss"].backward()
     dino_grad = obj.student.dino_head.last_layer_v.grad
     if separate:

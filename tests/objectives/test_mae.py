@@ -49,7 +49,7 @@ def test_masking_keeps_exactly_the_lowest_noise_patches():
 
 def test_loss_is_normalised_mse_on_masked_patches_only():
     mae = make()
-    batch = mae.collate([mae.transform(s) for s in samples(4)])
+    batch = mae.data_recipe().collate([mae.data_recipe().transform(s) for s in samples(4)])
     out = mae(batch)
     target = patchify(batch["image"], mae.patch)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -80,9 +80,9 @@ def samples(n, shape=(1, 64, 64), dtype=np.uint16, seed=0):
 def test_transform_is_deterministic_per_seed_and_varies_across_seeds():
     mae = make()
     s = samples(1)[0]
-    a, b = mae.transform(dict(s)), mae.transform(dict(s))
+    a, b = mae.data_recipe().transform(dict(s)), mae.data_recipe().transform(dict(s))
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask_noise"], b["mask_noise"])
-    c = mae.transform(dict(s, __seed__=7))
+    c = mae.data_recipe().transform(dict(s, __seed__=7))
     assert not torch.equal(a["image"], c["image"])
     assert a["image"].shape == (1, 64, 64) and a["image"].dtype == torch.float32
 
@@ -91,15 +91,15 @@ def test_transform_rejects_wrong_dimensionality_naming_the_sample():
     mae = make()
     bad = samples(1, shape=(1, 8, 64, 64))[0]
     with pytest.raises(ValueError, match="'s0'.*2D image"):
-        mae.transform(bad)
+        mae.data_recipe().transform(bad)
     two = samples(1, shape=(2, 64, 64))[0]
     with pytest.raises(ValueError, match="'s0' has 2 channels; the model takes 3"):
-        make("model.in_chans=3").transform(two)
+        make("model.in_chans=3").data_recipe().transform(two)
 
 
 def test_3d_mae_trains_and_visualises_the_middle_slice():
     mae = make("model.spatial_dims=3", "model.img_size=16", "model.patch_size=4")
-    batch = mae.collate([mae.transform(s) for s in samples(2, shape=(1, 20, 24, 24), dtype=np.int16)])
+    batch = mae.data_recipe().collate([mae.data_recipe().transform(s) for s in samples(2, shape=(1, 20, 24, 24), dtype=np.int16)])
     assert batch["image"].shape == (2, 1, 16, 16, 16)
     out = mae(batch)
     assert torch.isfinite(out["loss"])

@@ -42,7 +42,7 @@ def demo_shards(scratch: Path, split: str, samples: int, progress: bool = False)
 
 def training_stream(cfg: RunConfig, objective: Any, num_workers: int) -> ShardStream:
     """The stream the trainer builds for rank 0 of 1 at step 0, with ``num_workers`` workers."""
-    return build_train_stream(replace(cfg, data=replace(cfg.data, num_workers=num_workers)), objective, 0, 1, 0)
+    return build_train_stream(replace(cfg, data=replace(cfg.data, num_workers=num_workers)), objective.data_recipe(), 0, 1, 0)
 
 
 def first_sample(urls: list[str], objective: Any, where: str) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def first_sample(urls: list[str], objective: Any, where: str) -> dict[str, Any]:
         raise BenchInputError(f"{where}: shard {urls[0]} holds no sample")
     try:
         sample = decode_sample(raw)
-        objective.transform({**sample, "__seed__": 0, "__epoch__": 0, "__source__": "bench"})
+        objective.data_recipe().transform({**sample, "__seed__": 0, "__epoch__": 0, "__source__": "bench"})
     except ValueError as e:
         raise BenchInputError(f"{where}: the loader cannot use sample {raw.get('__key__')!r}: {e}") from None
     return {"key": sample["__key__"], "shape": list(sample["image"].shape), "dtype": str(sample["image"].dtype)}

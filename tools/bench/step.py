@@ -47,7 +47,7 @@ class BareLoop:
     def __init__(self, cfg: RunConfig, device: torch.device, batch: dict[str, Any]) -> None:
         seed_all(cfg.train.seed)  # the trainer seeds the same way before building its objective
         self.model = build_objective(cfg).to(device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model.param_groups(), cfg.optim)
         self.grad_clip = cfg.optim.grad_clip
         self.batch = batch
 

@@ -11,17 +11,12 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
-    from pretrain.engine.trainer import train, write_summary
+    from pretrain.tools.run import train_and_export
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    summary = train_and_export(cfg, export=not args.no_export)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    if cfg.train.export_on_end and not args.no_export:
-        from pretrain.tools.export.encoder import export_encoder
-
-        summary["export"] = str(export_encoder(cfg.train.run_dir, Path(cfg.train.run_dir) / "export").resolve())
-        write_summary(Path(cfg.train.run_dir), summary)
     _print_summary(summary)
     return 0
 
@@ -46,16 +41,20 @@ def _eval_knn(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.data.transforms import eval_view
     from pretrain.eval.knn import knn_accuracy
-    from pretrain.models.vit import VisionTransformer
+    from pretrain.objectives import build_objective
     from pretrain.tools.export.encoder import load_encoder
 
     if args.random_init:
-        cfg = load_config(args.random_init, args.overrides)
+        # argparse hands the first override to the optional SOURCE positional: it is an override here
+        overrides = ([args.source] if args.source else []) + list(args.overrides)
+        cfg = load_config(args.random_init, overrides)
         torch.manual_seed(cfg.train.seed)
-        encoder, intensity = VisionTransformer(cfg.model), cfg.data.intensity
+        bundle = build_objective(cfg).eval_bundle()
+        (_, encoder), intensity, pool = bundle.headline, cfg.data.intensity, bundle.pool
     else:
-        encoder, intensity = load_encoder(args.source)
+        encoder, intensity, pool = load_encoder(args.source)
         intensity = args.intensity or intensity
+    pool = args.pool or pool  # default: as the objective pools in training, so summary.json's number comes back
     m = encoder.cfg
     size = m.img_size_tuple()
 
@@ -63,10 +62,10 @@ def _eval_knn(args: argparse.Namespace) -> int:
         return eval_view(sample["image"], size, m.in_chans, intensity, key=sample["__key__"])
 
     acc = knn_accuracy(
-        encoder, args.train, args.val, view, pool=args.pool, k=args.k, temperature=args.temperature,
+        encoder, args.train, args.val, view, pool=pool, k=args.k, temperature=args.temperature,
         batch_size=args.batch_size, device=torch.device("cpu"),
     )
-    print(json.dumps({"knn_top1": acc, "k": args.k, "temperature": args.temperature, "pool": args.pool}))
+    print(json.dumps({"knn_top1": acc, "k": args.k, "temperature": args.temperature, "pool": pool}))
     return 0
 
 
@@ -103,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--val", required=True, help="labelled shards: the queries")
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--pool", default="mean", choices=["cls", "mean", "cls+mean"])
+    k.add_argument("--pool", choices=["cls", "mean", "cls+mean"],
+                   help="token pooling (default: the one the encoder's objective uses in training)")
     k.add_argument("--intensity", choices=["zscore", "range", "none"], help="default: the one the encoder was trained with")
     k.add_argument("--batch-size", type=int, default=64)
     k.set_defaults(func=_eval_knn)
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.set_defaults(func=_export)
 
+    from pretrain.tools.cli.config_cmd import add_config_parser
+
+    add_config_parser(sub)
     from pretrain.launch.cli import add_launch_parser
 
     add_launch_parser(sub)

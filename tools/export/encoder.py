@@ -2,8 +2,8 @@
 
 The weights are consolidated from the DeepSpeed checkpoint (ZeRO 0-3, any
 precision) into fp32, loaded into a freshly built objective (so a mismatch is
-an error here, not in the user's hands), and the objective's ``encoder()`` is
-written. 2D encoders keep timm's parameter names.
+an error here, not in the user's hands), and the headline encoder of the
+objective's ``eval_bundle()`` is written. 2D ViTs keep timm's parameter names.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretrain.config import config_to_dict, load_config
-from pretrain.engine.checkpoint import COMPLETE, fp32_state_dict, resolve_checkpoint
-from pretrain.models.vit import ViTConfig, VisionTransformer
+from pretrain.storage.checkpoints import COMPLETE, fp32_state_dict, resolve_checkpoint
+from pretrain.models.backbones import ModelConfig, build_backbone
 from pretrain.objectives import build_objective
 
 log = logging.getLogger(__name__)
@@ -44,35 +44,42 @@ def trained_objective(ckpt: Path):
     return objective, cfg
 
 
-def load_encoder(source: str | Path) -> tuple[VisionTransformer, str]:
-    """(encoder, intensity normalisation) from an export folder, a run directory or a checkpoint."""
+def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str, str]:
+    """(encoder, intensity normalisation, pooling its objective reads it with) from an export folder,
+    a run directory or a checkpoint."""
     source = Path(source)
     if (source / CONFIG).is_file():
         meta = json.loads((source / CONFIG).read_text())
-        return load_exported_encoder(source), meta.get("preprocessing", {}).get("intensity", "zscore")
+        return (load_exported_encoder(source), meta.get("preprocessing", {}).get("intensity", "zscore"),
+                meta.get("pool", "cls"))
     objective, cfg = trained_objective(resolve_checkpoint(source))
-    return objective.encoder(), cfg.data.intensity
+    bundle = objective.eval_bundle()
+    return bundle.headline[1], cfg.data.intensity, bundle.pool
 
 
 def export_encoder(source: str | Path, out: str | Path) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``README.md`` for the encoder; returns ``out``."""
     ckpt = resolve_checkpoint(source)
     objective, cfg = trained_objective(ckpt)
-    encoder_state = {k: v.detach().float().contiguous() for k, v in objective.encoder().state_dict().items()}
+    bundle = objective.eval_bundle()
+    name, encoder = bundle.headline
+    encoder_state = {k: v.detach().float().contiguous() for k, v in encoder.state_dict().items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     step = int((ckpt / COMPLETE).read_text().strip() or 0)
     save_file(encoder_state, str(out / WEIGHTS), metadata={"format": "pt", "step": str(step)})
     meta = {
-        "architecture": "medpretrain.VisionTransformer",
+        "architecture": f"medpretrain.{cfg.model.name}",
         "model": config_to_dict(cfg.model),
         "objective": cfg.objective.name,
+        "encoder": name,
+        "pool": bundle.pool,
         "preprocessing": {"intensity": cfg.data.intensity, "layout": "channels-first, native dtype -> float32"},
         "step": step,
         "source_checkpoint": str(ckpt.resolve()),
         "num_parameters": sum(v.numel() for v in encoder_state.values()),
     }
-    if cfg.model.spatial_dims == 2:
+    if cfg.model.spatial_dims == 2 and cfg.model.name == "vit":
         meta["timm_kwargs"] = timm_kwargs(meta["model"])
     (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(_model_card(meta))
@@ -80,13 +87,13 @@ def export_encoder(source: str | Path, out: str | Path) -> Path:
     return out
 
 
-def load_exported_encoder(folder: str | Path) -> VisionTransformer:
+def load_exported_encoder(folder: str | Path) -> torch.nn.Module:
     """Rebuild the encoder from an export folder (strict: every key must match)."""
     folder = Path(folder)
     meta = json.loads((folder / CONFIG).read_text())
     from pretrain.config.typed import build
 
-    encoder = VisionTransformer(build(ViTConfig, meta["model"], "model"))
+    encoder = build_backbone(build(ModelConfig, meta["model"], "model"))
     encoder.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
     return encoder
 
@@ -121,6 +128,11 @@ def load_into_timm(folder: str | Path):
 def _model_card(meta: dict[str, Any]) -> str:
     m = meta["model"]
     dims = "3D" if m["spatial_dims"] == 3 else "2D"
+    if m["name"] != "vit":
+        return (f"# medpretrain {dims} `{m['name']}` encoder\n\n"
+                f"Pretrained with `{meta['objective']}` for {meta['step']} steps by medpretrain.\n\n"
+                f"- input: {m['in_chans']} channel(s), {dims}, image size {m['img_size']}\n"
+                f"- parameters {meta['num_parameters']:,}; weights: `{WEIGHTS}` (fp32); full config: `{CONFIG}`\n")
     return (
         f"# medpretrain {dims} ViT encoder\n\n"
         f"Pretrained with `{meta['objective']}` for {meta['step']} steps by medpretrain.\n\n"

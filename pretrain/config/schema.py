@@ -18,48 +18,48 @@ class SourceConfig:
     """One shard set of the training mixture."""
 
     shards: str | list[str]  # folder with manifest.json, brace pattern, glob, or a list of them
-    weight: float = 1.0
-    name: str = ""
+    weight: float = 1.0  # relative sampling weight in the mixture (>= 0; normalised over the sources)
+    name: str = ""  # label in logs and in each sample's __source__; "" gives source<index>
 
 
 @dataclass
 class DataConfig:
-    train: list[SourceConfig] = field(default_factory=list)
+    train: list[SourceConfig] = field(default_factory=list)  # the training mixture: one entry per shard set
     batch_size: int = 32  # per rank and per micro-batch
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    resample: bool = False
+    num_workers: int = 2  # DataLoader workers per rank (0: main process); resuming needs the same count
+    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer; 0 or 1: no sample-level shuffling
+    resample: bool = False  # draw shards with replacement instead of shuffled passes (epochs) over them
     intensity: Literal["zscore", "range", "none"] = "zscore"  # per-image intensity normalisation
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.5e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: float = 1.5e-4  # peak AdamW learning rate after warm-up (times each param group's lr_scale)
+    min_lr: float = 0.0  # lr the schedule decays towards by the last step (unused by constant)
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to lr
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # lr decay after warm-up, lr to min_lr
+    weight_decay: float = 0.05  # AdamW decoupled weight decay at step 0 (times each group's wd_scale)
+    weight_decay_end: float | None = None  # weight decay at the end, by a cosine; None: weight_decay throughout
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2) decay rates of the moment estimates
+    eps: float = 1e-8  # AdamW epsilon added to the denominator
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps
-    grad_accum: int = 1
-    seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch: batch_size x grad_accum x ranks)
+    seed: int = 0  # seeds the initial weights, data order, augmentations and masks
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # DeepSpeed training precision; also the kNN eval dtype
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: shards 0 nothing, 1 optimizer states, 2 + gradients, 3 + params
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    run_dir: str = "runs/default"
-    log_every: int = 10
-    image_log_every: int = 0  # 0: only at the end
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    progress: bool = True
-    export_on_end: bool = True
+    run_dir: str = "runs/default"  # output folder: config.yaml, checkpoints/, tb/, metrics.jsonl, export/
+    log_every: int = 10  # steps between scalar logs (TensorBoard, metrics.jsonl); the last step is always logged
+    image_log_every: int = 0  # steps between TensorBoard images of the objective; 0: only at the end
+    ckpt_every: int = 500  # steps between checkpoints; the last step and a stop signal always save one
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; older ones are deleted
+    progress: bool = True  # tqdm progress bar on rank 0's stderr
+    export_on_end: bool = True  # export the encoder to <run_dir>/export when the run finishes (not interrupted)
     threads: int = 0  # torch intra-op threads per rank; 0 leaves torch's default
 
     def __post_init__(self) -> None:
@@ -76,10 +76,10 @@ class EvalConfig:
     knn_val: str | None = None  # labelled shards: the queries
     every: int = 0  # steps between evaluations during training; 0: start and end only
     at_start: bool = True  # evaluate the random-init encoder before training
-    k: int = 20
-    temperature: float = 0.07
+    k: int = 20  # neighbours per query in the weighted kNN vote
+    temperature: float = 0.07  # each neighbour's vote weighs exp(cosine similarity / temperature)
     pool: Literal["cls", "mean", "cls+mean"] | None = None  # None: the objective's choice
-    batch_size: int = 64
+    batch_size: int = 64  # images per encoder forward while extracting features, per rank
 
 
 @dataclass
@@ -112,10 +112,11 @@ def _default_objective() -> Any:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone (encoder) architecture
+    # the pretraining objective; objective.name (mae, dino, ...) picks the schema of its other keys
     objective: Any = field(default_factory=_default_objective, metadata={RESOLVE: _objective_config_class})
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # training data: shard mixture, batching, loading
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its lr / weight-decay schedules
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop: steps, precision, ZeRO, logging, checkpoints
+    eval: EvalConfig = field(default_factory=EvalConfig)  # kNN evaluation of the frozen encoder(s)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)  # kernel backends (attention, patch embedding)

@@ -30,29 +30,29 @@ class MultiCropSpec:
     has no fixed meaning.
     """
 
-    global_size: tuple[int, ...] = (224, 224)
-    local_size: tuple[int, ...] = (96, 96)
-    n_global: int = 2
-    n_local: int = 8
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
+    global_size: tuple[int, ...] = (224, 224)  # global crop size in pixels/voxels, (H, W) or (D, H, W)
+    local_size: tuple[int, ...] = (96, 96)  # local crop size, with as many axes as global_size
+    n_global: int = 2  # global crops per image, seen by teacher and student; >= 1
+    n_local: int = 8  # local crops per image, seen by the student only; 0: none
+    global_scale: tuple[float, float] = (0.32, 1.0)  # area/volume fraction of the image covered, (low, high)
+    local_scale: tuple[float, float] = (0.05, 0.32)  # area/volume fraction of the image covered, (low, high)
     flip_axes: list[int] = field(default_factory=lambda: [-1])  # spatial axes, negative counts from the last
-    rotation_degrees: float = 0.0  # 0 = off
+    rotation_degrees: float = 0.0  # max in-plane rotation, angle uniform in [-value, value] degrees; 0 = off
     # Blur probability for (global crop 1, other global crops, local crops): DINOv2's asymmetry,
     # one teacher view always sharp-ish contrasts with a blurred one. All zero = off.
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels
-    noise_p: float = 0.2
-    noise_std: tuple[float, float] = (0.0, 0.1)  # in z-score units
-    intensity_p: float = 0.8
-    intensity_scale: tuple[float, float] = (0.75, 1.25)
-    intensity_shift: tuple[float, float] = (-0.25, 0.25)
-    gamma_p: float = 0.3
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    color_jitter: bool = False  # RGB only
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # range of the Gaussian blur sigma, in pixels/voxels
+    noise_p: float = 0.2  # probability of additive Gaussian noise per crop
+    noise_std: tuple[float, float] = (0.0, 0.1)  # range of the noise std, in z-score units
+    intensity_p: float = 0.8  # probability per crop of contrast/brightness x * a + b (unless color_jitter)
+    intensity_scale: tuple[float, float] = (0.75, 1.25)  # range of the contrast factor a
+    intensity_shift: tuple[float, float] = (-0.25, 0.25)  # range of the brightness offset b, in z-score units
+    gamma_p: float = 0.3  # probability per crop of a random gamma curve (unless color_jitter)
+    gamma_range: tuple[float, float] = (0.7, 1.5)  # range of the gamma, drawn log-uniformly
+    color_jitter: bool = False  # brightness/contrast/saturation jitter instead of intensity and gamma; RGB only
     # (center, width) in HU; when set, each crop is windowed from raw values and intensity normalisation is skipped.
     ct_windows: list[tuple[float, float]] = field(default_factory=list)
-    ct_window_jitter: float = 0.1
+    ct_window_jitter: float = 0.1  # CT window center moves <= jitter x width, width scales by 1 +- jitter; [0, 1)
 
     def __post_init__(self) -> None:
         self.global_size = _size(self.global_size, "global_size")

@@ -50,15 +50,15 @@ class ModelConfig(ViTConfig):
     def validate(self) -> "ModelConfig":
         kind, _, target = self.name.partition(":")
         if kind not in KINDS or (kind == "vit") != (target == ""):
-            raise ValueError(f"ViTConfig.name: {self.name!r} must be 'vit', 'timm:<model>' or 'monai:<network>'")
+            raise ValueError(f"model.name: {self.name!r} must be 'vit', 'timm:<model>' or 'monai:<network>'")
         if kind == "vit":
             if self.kwargs:
-                raise ValueError("ViTConfig.kwargs: only for timm: and monai: backbones; the ViT takes its own fields")
+                raise ValueError("model.kwargs: only for timm: and monai: backbones; the ViT takes its own fields")
             return super().validate()
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"ViTConfig.spatial_dims: must be 2 or 3, got {self.spatial_dims!r}")
         if kind == "timm" and self.spatial_dims != 2:
-            raise ValueError(f"ViTConfig.name: timm models are 2D; {self.name!r} cannot take spatial_dims=3 "
+            raise ValueError(f"model.name: timm models are 2D; {self.name!r} cannot take spatial_dims=3 "
                              "(use a monai: network or the vit)")
         self.img_size_tuple()
         if not isinstance(self.in_chans, int) or self.in_chans < 1:

@@ -58,21 +58,21 @@ class ViTConfig:
     mlp_ratio = 2/3 of the GELU ratio keeps the parameter count.
     """
 
-    preset: str | None = None
-    spatial_dims: int = 2
-    img_size: int | list[int] = 224
-    patch_size: int | list[int] = 16
-    in_chans: int = 1
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
+    preset: str | None = None  # named size (nano ... giant) setting embed_dim/depth/num_heads/mlp_ratio
+    spatial_dims: int = 2  # 2: images (B, C, H, W); 3: volumes (B, C, D, H, W)
+    img_size: int | list[int] = 224  # native input size in pixels/voxels, one for all axes or one per axis
+    patch_size: int | list[int] = 16  # patch size in pixels/voxels, one or one per axis; must divide img_size
+    in_chans: int = 1  # input channels; 1-channel data are repeated to match, N-channel data averaged for 1
+    embed_dim: int = 768  # token width D, a multiple of num_heads (set by preset)
+    depth: int = 12  # transformer blocks (set by preset)
+    num_heads: int = 12  # attention heads per block (set by preset)
+    mlp_ratio: float = 4.0  # MLP hidden width as a multiple of embed_dim (set by preset)
+    qkv_bias: bool = True  # bias in the attention's q/k/v projection
     mlp: str = "gelu"  # "gelu" | "swiglu"
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed, requires_grad False)
-    num_register_tokens: int = 0
-    layer_scale_init: float | None = None
-    drop_path_rate: float = 0.0
+    num_register_tokens: int = 0  # learned register tokens after the class token (DINOv2 registers); 0: none
+    layer_scale_init: float | None = None  # initial LayerScale gamma of each residual branch; None: no LayerScale
+    drop_path_rate: float = 0.0  # stochastic depth of the last block, rising linearly from 0; in [0, 1)
     act_checkpoint: bool = False  # torch.utils.checkpoint per block, use_reentrant=False
 
     def __post_init__(self) -> None:

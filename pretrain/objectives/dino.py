@@ -57,34 +57,35 @@ NAME = "dino"
 
 @dataclass
 class Config:
-    name: str = NAME
-    crops: MultiCropSpec = field(default_factory=MultiCropSpec)
+    name: str = NAME  # "dino": DINOv2-style self-distillation (this section's schema)
+    crops: MultiCropSpec = field(default_factory=MultiCropSpec)  # multi-crop views and their augmentations
     # heads
-    prototypes: int = 4096
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_layers: int = 3
-    separate_ibot_head: bool = False
+    prototypes: int = 4096  # prototypes K of the DINO head: the classes of the class-token targets
+    head_hidden_dim: int = 2048  # hidden width of each head's MLP
+    head_bottleneck_dim: int = 256  # L2-normalised bottleneck that is compared with the prototypes (cosine)
+    head_layers: int = 3  # linear layers of each head's MLP; 1: a single projection to the bottleneck
+    separate_ibot_head: bool = False  # iBOT patch tokens get their own head; False: they share the DINO head
     ibot_prototypes: int = 0  # 0: as many as the DINO head (only used with a separate head)
     # losses
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
+    dino_weight: float = 1.0  # weight of the DINO class-token loss in the total loss
+    ibot_weight: float = 1.0  # weight of the iBOT masked-patch loss; 0: no iBOT (required for non-ViT backbones)
+    koleo_weight: float = 0.1  # weight of the KoLeo regulariser spreading the student's class tokens
     loss_weighting: Literal["dinov2", "mean"] = "dinov2"  # how KoLeo and iBOT are normalised (module docstring)
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_fraction: float = 0.3  # of train.steps
+    student_temp: float = 0.1  # softmax temperature of the student's prototype logits (fixed)
+    teacher_temp: float = 0.07  # teacher softmax temperature after its warm-up
+    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0, raised linearly to teacher_temp
+    teacher_temp_warmup_fraction: float = 0.3  # teacher temperature warm-up, as a fraction of train.steps
+    # teacher-target centering: Sinkhorn-Knopp, or softmax after subtracting an EMA of the logits
     centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
-    sinkhorn_iterations: int = 3
-    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3  # Sinkhorn-Knopp normalisation rounds (centering=sinkhorn_knopp only)
+    center_momentum: float = 0.9  # EMA momentum of the running center (centering=softmax only)
     # iBOT masks on the student's global crops
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: range (uniform) of the hidden fraction of a masked crop
+    mask_probability: float = 0.5  # iBOT: probability that a global crop is masked at all
     # teacher
-    momentum_start: float = 0.992
-    momentum_end: float = 1.0
-    freeze_last_layer_steps: int = 0  # DINOv2 freezes the prototypes for its first epoch
+    momentum_start: float = 0.992  # teacher EMA momentum at step 0
+    momentum_end: float = 1.0  # teacher EMA momentum at the end (half cosine from momentum_start)
+    freeze_last_layer_steps: int = 0  # steps with the heads' prototypes frozen (DINOv2: its first epoch)
     init_from: str = ""  # continued pretraining: our run/checkpoint/export, or a timm-format state dict
 
     def __post_init__(self) -> None:

@@ -30,17 +30,17 @@ NAME = "mae"
 
 @dataclass
 class Config:
-    name: str = NAME
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    name: str = NAME  # "mae": masked autoencoding (this section's schema)
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder, in (0, 1)
+    decoder_dim: int = 512  # token width of the decoder
+    decoder_depth: int = 8  # transformer blocks of the decoder
+    decoder_heads: int = 16  # attention heads per decoder block
+    norm_pix_loss: bool = True  # targets are each patch's pixels normalised to zero mean, unit variance
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop: (low, high) area/volume fraction kept
     flip_axes: list[int] = field(default_factory=lambda: [-1])  # spatial axes flipped at random; [] for none
     # The class token reaches the decoder, which reads it as a global summary when
     # most patches are hidden: it is MAE's best single feature for kNN and probes.
-    eval_pool: str = "cls"
+    eval_pool: str = "cls"  # default token pooling for kNN eval (eval.pool overrides): cls | mean | cls+mean
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

@@ -89,3 +89,38 @@ def test_every_shipped_config_loads():
     for path in paths:
         cfg = load_config(path)
         assert cfg.model.img_size_tuple() and cfg.objective.name, path
+
+
+def test_every_config_key_of_every_objective_has_a_doc():
+    import dataclasses
+
+    from pretrain.config.explain import doc_of, missing_docs
+    from pretrain.config.registry import objectives
+    from pretrain.config.schema import SourceConfig
+
+    for name in objectives():
+        cfg = load_config(None, [f"objective.name={name}"])
+        assert missing_docs(cfg) == [], name
+    assert [f.name for f in dataclasses.fields(SourceConfig) if not doc_of(SourceConfig, f.name)] == []
+
+
+def test_config_explain_prints_every_key_with_type_value_and_doc(capsys):
+    from pretrain.tools.cli.main import main
+
+    assert main(["config", "explain", "configs/dino/demo.yaml", "optim.lr=0.002"]) == 0
+    out = capsys.readouterr().out
+    assert "  optim.lr: float = 0.002  (default 0.00015)  # " in out
+    assert "objective.loss_weighting: Literal['dinov2', 'mean'] = 'dinov2'" in out
+    keys = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")]
+    assert len(keys) == len(set(keys)) and "model.kwargs" in keys and "kernels.attention" in keys
+
+
+def test_choice_keys_fail_at_load_time_with_the_choices():
+    with pytest.raises(ConfigError, match="kernels.attention' must be one of auto, torch"):
+        load_config(None, ["kernels.attention=cudnn"])
+    with pytest.raises(ConfigError, match="'optim.schedule' must be one of 'cosine', 'linear', 'constant'"):
+        load_config(None, ["optim.schedule=step"])
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(None, ["model.name=resnet50"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.attn_backend'"):
+        load_config(None, ["model.attn_backend=torch"])

@@ -26,7 +26,7 @@ def test_phantoms_are_balanced_native_dtype_and_class_independent_in_intensity()
 
 
 @pytest.mark.slow
-def test_demo_run_end_to_end(tmp_path):
+def test_demo_run_end_to_end(tmp_path, capsys):
     data = tmp_path / "demo_data"
     counts = make_demo_data(data, scale=0.02, splits=["pretrain_2d", "knn_train_2d", "knn_val_2d"], progress=False)
     assert counts == {"pretrain_2d": 160, "knn_train_2d": 20, "knn_val_2d": 10}
@@ -44,6 +44,13 @@ def test_demo_run_end_to_end(tmp_path):
     assert 0.0 <= summary["knn_init"] <= 1.0 and 0.0 <= summary["knn_final"] <= 1.0
     assert (run / "export" / "model.safetensors").is_file() and summary["export"] == str((run / "export").resolve())
     assert "kNN top-1" in proc.stdout and str(run / "export") in proc.stdout
+    # `pretrain eval knn` on the run pools as training did, so it reports summary.json's number
+    from pretrain.tools.cli.main import main
+
+    knn_args = ["--train", str(data / "knn_train_2d"), "--val", str(data / "knn_val_2d")]
+    for source in (run, run / "export"):
+        assert main(["eval", "knn", str(source), *knn_args]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] == summary["knn_final"]
     # TensorBoard event files hold the loss curve and the reconstruction images.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from pretrain.optim.param_groups import apply_scales
+
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -34,9 +36,7 @@ def deepspeed_config(cfg) -> dict[str, Any]:
 def build_optimizer(groups: list[dict[str, Any]], optim) -> torch.optim.Optimizer:
     """AdamW over the objective's groups; each starts at its scales times the peak values
     (the trainer sets both every step from the schedules)."""
-    for g in groups:
-        g["lr"] = optim.lr * g.get("lr_scale", 1.0)
-        g["weight_decay"] = optim.weight_decay * g.get("wd_scale", 1.0)
+    apply_scales(groups, optim.lr, optim.weight_decay)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 

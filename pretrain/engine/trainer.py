@@ -33,6 +33,7 @@ from pretrain.engine.preemption import StopRequest
 from pretrain.eval.knn import knn_accuracy
 from pretrain.objectives import build_objective
 from pretrain.objectives.base import BuildContext
+from pretrain.optim.param_groups import apply_scales
 from pretrain.optim.schedules import optimizer_schedules
 
 log = logging.getLogger(__name__)
@@ -310,9 +311,7 @@ class Trainer:
         """Every schedule's value for the coming step: lr and weight decay into the optimizer's groups
         (times each group's scales), the objective's own into the objective. Returns them all."""
         values = {name: schedule(self.step, self.cfg.train.steps) for name, schedule in self.schedules.items()}
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = values["lr"] * group.get("lr_scale", 1.0)
-            group["weight_decay"] = values["weight_decay"] * group.get("wd_scale", 1.0)
+        apply_scales(self.engine.optimizer.param_groups, values["lr"], values["weight_decay"])
         self.objective.set_schedules(self.step, {k: v for k, v in values.items() if k not in ("lr", "weight_decay")})
         return values
 

@@ -58,3 +58,10 @@ def layer_decay_groups(module: nn.Module, layer_of: Callable[[str], int], num_la
             "lr_scale": decay ** (num_layers - layer), "wd_scale": 0.0 if nd else 1.0})
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
+
+
+def apply_scales(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> None:
+    """Set every group's lr and weight decay to its scales times the scheduled values (in place)."""
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)

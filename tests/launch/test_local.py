@@ -72,8 +72,8 @@ def sleeper_pids(path: Path, timeout: float = 20.0) -> list[int]:
 @pytest.mark.slow
 def test_two_ranks_train_to_the_end(tiny_yaml: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    code = launch_local(tiny_yaml, [f"train.run_dir={run_dir}", "train.steps=3", "train.ckpt_every=3"], 2,
-                        log_dir=tmp_path / "logs")
+    code = launch_local(tiny_yaml, [f"train.run_dir={run_dir}", "train.steps=3", "train.ckpt_every=3",
+                                    "train.export_on_end=true"], 2, log_dir=tmp_path / "logs")
     logs = "\n".join(f"--- rank{r} ---\n" + (tmp_path / "logs" / f"rank{r}.log").read_text() for r in range(2))
     assert code == 0, logs
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -81,6 +81,7 @@ def test_two_ranks_train_to_the_end(tiny_yaml: Path, tmp_path: Path):
     assert sorted(p.name for p in Path(summary["checkpoint"]).glob("rank*_state.pt")) == [
         "rank00000_state.pt", "rank00001_state.pt"]
     assert "terminate called" not in logs
+    assert summary["export"] == str((run_dir / "export").resolve()) and (run_dir / "export" / "config.json").is_file()
 
 
 @pytest.mark.slow

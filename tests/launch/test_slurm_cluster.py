@@ -100,8 +100,10 @@ def _last_step(run_dir: Path) -> int:
 def reference_run(cluster, slurm_yaml: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted 2-rank job to its final checkpoint."""
     run_dir = tmp_path_factory.mktemp("slurm") / "reference"
-    record = submit_run(slurm_yaml, [f"train.run_dir={run_dir}"], SlurmOptions(**TWO_RANKS))
-    _wait(lambda: _done(run_dir), f"job {record['job_id']} to finish", run_dir=run_dir)
+    record = submit_run(slurm_yaml, [f"train.run_dir={run_dir}", "train.export_on_end=true"], SlurmOptions(**TWO_RANKS))
+    # "done" is recorded after the export, which comes after the trainer's summary.json
+    _wait(lambda: any(e["event"] == "done" for e in read_events(run_dir)), f"job {record['job_id']} to finish",
+          run_dir=run_dir)
     return run_dir
 
 
@@ -117,6 +119,9 @@ def test_job_trains_with_one_rank_per_task_to_its_final_checkpoint(reference_run
     assert [e["event"] for e in read_events(reference_run)] == ["start", "done"]
     [row] = collect(reference_run)
     assert row["state"] == "done" and row["step"] == 300 and row["loss"] == summary["final_loss"]
+    # train.export_on_end is honoured under SLURM as under `pretrain train`: rank 0 exports once
+    assert (reference_run / "export" / "model.safetensors").is_file()
+    assert summary["export"] == str((reference_run / "export").resolve())
 
 
 @pytest.mark.parametrize("interrupt", ["scontrol-requeue", "time-limit-signal"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class Config:
     flip_axes: list[int] = field(default_factory=lambda: [-1])  # spatial axes flipped at random; [] for none
     # The class token reaches the decoder, which reads it as a global summary when
     # most patches are hidden: it is MAE's best single feature for kNN and probes.
-    eval_pool: str = "cls"  # default token pooling for kNN eval (eval.pool overrides): cls | mean | cls+mean
+    eval_pool: Literal["cls", "mean", "cls+mean"] = "cls"  # token pooling of kNN eval and export (eval.pool overrides)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

@@ -106,6 +106,7 @@ def one_rank_run(tmp_path_factory: pytest.TempPathFactory, tiny_yaml: Path) -> P
     return work / "run"
 
 
+@pytest.mark.slow
 def test_latest_is_always_complete_old_ones_pruned_and_config_stored(tiny_yaml: Path, tmp_path: Path):
     run_dir, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
     overrides = ["train.steps=6", "train.ckpt_every=1", "train.keep_checkpoints=2"]

@@ -110,9 +110,8 @@ def test_dispatch_rules_for_the_triton_backend():
     q, k, v = random_qkv(1, 1, 4, 4, 48, torch.float32)
     with pytest.raises(RuntimeError, match=r"'triton' was selected but cannot run: supports head_dim in"):
         kernels.attention(q, k, v, backend="triton")
-    assert kernels.backend_names("attention", "cuda").index("triton") < kernels.backend_names(
-        "attention", "cuda"
-    ).index("torch")
+    # On CUDA "auto" attention is PyTorch SDPA until a GPU measurement shows ours faster; patch embedding is ours.
+    assert kernels.backend_names("attention", "cuda")[0] == "torch"
     assert kernels.backend_names("attention", "cpu")[-1] == "triton"
     assert kernels.backend_names("patch_embed", "cuda")[0] == "triton"
     if DEVICE == "cpu":

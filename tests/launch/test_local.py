@@ -97,6 +97,7 @@ def test_bad_shard_path_fails_every_rank_with_the_path_in_each_log(tiny_yaml: Pa
         assert str(missing) in (tmp_path / "logs" / f"rank{rank}.log").read_text(), rank
 
 
+@pytest.mark.slow
 def test_first_failure_stops_the_others_within_the_grace_period(tmp_path: Path, capfd):
     started = time.monotonic()
     code = run_rank_commands([python("import sys, time; time.sleep(0.5); sys.exit(3)"),
@@ -108,6 +109,7 @@ def test_first_failure_stops_the_others_within_the_grace_period(tmp_path: Path, 
     assert "rank 0 failed" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_rank_ignoring_sigterm_is_killed(tmp_path: Path):
     stubborn = """
         import os, signal, sys, time
@@ -135,6 +137,7 @@ def test_all_ranks_succeeding_exits_zero_and_logs_per_rank(tmp_path: Path, capfd
     assert "hello from 0 3" in out and "hello from 1" not in out  # only rank 0 echoes to the console
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_ends_every_rank(tmp_path: Path):
     launcher = f"""
         import sys

@@ -22,16 +22,14 @@ from pretrain.launch.slurm_job import read_events
 from pretrain.launch.status import collect
 from pretrain.engine.checkpoint import tag_for
 
-pytestmark = pytest.mark.slow  # every test here starts training processes
-
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "tools" / "slurm_local_cluster.sh"
 JOB_TIMEOUT_S = 300.0
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("sbatch") is None,
     reason="SLURM is not installed here (no sbatch); `sudo tools/slurm_local_cluster.sh start` sets up a one-node cluster",
-)
+)]
 
 
 @pytest.fixture(scope="module")

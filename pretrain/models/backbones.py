@@ -43,10 +43,6 @@ class ModelConfig(ViTConfig):
     name: str = "vit"  # vit | timm:<model name> | monai:<network name>
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments of a timm or MONAI network
 
-    @property
-    def kind(self) -> str:
-        return self.name.split(":", 1)[0]
-
     def validate(self) -> "ModelConfig":
         kind, _, target = self.name.partition(":")
         if kind not in KINDS or (kind == "vit") != (target == ""):
@@ -114,30 +110,37 @@ class FeatureMapEncoder(nn.Module):
                 self._twins.append((copy.deepcopy(self.net).eval(), torch.device("cpu")))
         return self._twins[0]
 
+    def _split(self, out: Any) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
+        """A network output as (its own summary token or None, cell tokens (B, N, C), their grid)."""
+        tokens, grid = _as_tokens(out, self.spatial_dims, self._channels_last)
+        if self._net_prefix and len(grid) == 1:  # a timm transformer: its class token, then its patch tokens
+            return tokens[:, :1], tokens[:, self._net_prefix:], (grid[0] - self._net_prefix,)
+        return None, tokens, grid
+
     def _meta_tokens(self, spatial: tuple[int, ...]) -> torch.Tensor:
         twin, device = self._twin()
         x = torch.zeros((1, self.in_chans, *spatial), device=device)
         with torch.no_grad():
-            tokens, grid = _as_tokens(self._features(twin, x), self.spatial_dims, self._channels_last)
+            _, cells, grid = self._split(self._features(twin, x))
         self._grids[tuple(spatial)] = grid
-        return tokens
+        return cells
 
-    def cells(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """(B, N, C) feature-map cells and their grid."""
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
         if x.ndim != 2 + self.spatial_dims or x.shape[1] != self.in_chans:
             raise ValueError(f"{self.cfg.name}: input must have {self.spatial_dims} spatial axes and "
                              f"C={self.in_chans}, got {tuple(x.shape)}")
-        tokens, grid = _as_tokens(self._features(self.net, x), self.spatial_dims, self._channels_last)
-        if self._net_prefix and len(grid) == 1:
-            return tokens[:, self._net_prefix:], (grid[0] - self._net_prefix,)
-        return tokens, grid
+        return self._split(self._features(self.net, x))
+
+    def cells(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(B, N, C) feature-map cells and their grid."""
+        _, cells_BNC, grid = self._run(x)
+        return cells_BNC, grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._features(self.net, x) if self._net_prefix else None
-        if out is not None and out.ndim == 3:  # a timm transformer: its class token, then its patch tokens
-            return torch.cat([out[:, :1], out[:, self._net_prefix:]], dim=1)
-        cells_BNC, _ = self.cells(x)
-        return torch.cat([cells_BNC.mean(dim=1, keepdim=True), cells_BNC], dim=1)
+        summary, cells_BNC, _ = self._run(x)
+        if summary is None:
+            summary = cells_BNC.mean(dim=1, keepdim=True)
+        return torch.cat([summary, cells_BNC], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[:, 0]

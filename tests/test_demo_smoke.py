@@ -10,19 +10,46 @@ import sys
 import numpy as np
 
 from pretrain.tools.demo.data import make_demo_data
-from pretrain.tools.demo.phantoms import CLASSES, ct_volume, radiograph
+from pretrain.tools.demo.phantoms import CLASSES_2D, LABEL_MAP, ct_volume, radiograph
 
 
-def test_phantoms_are_balanced_native_dtype_and_class_independent_in_intensity():
+def test_phantoms_are_native_dtype_with_label_maps_and_class_independent_in_intensity():
     rng = np.random.default_rng(0)
-    xr = radiograph(2, 64, rng)
-    ct = ct_volume(1, 16, rng)
+    xr, xr_map = radiograph(2, 64, rng)
+    ct, ct_map = ct_volume(1, 16, rng)
     assert xr.shape == (1, 64, 64) and xr.dtype == np.uint16 and xr.max() <= 4095
     assert ct.shape == (1, 16, 16, 16) and ct.dtype == np.int16 and ct.min() >= -1024
+    for labels in (xr_map, ct_map):
+        assert labels.shape == (1, *labels.shape[1:]) and labels.dtype == np.uint8
+        assert set(np.unique(labels)) == set(range(len(LABEL_MAP)))  # every structure is drawn, the finding too
     # Mean intensity carries (almost) no class information: per-class means overlap widely.
-    means = {c: [radiograph(c, 32, rng).mean() for _ in range(40)] for c in range(len(CLASSES))}
+    means = {c: [radiograph(c, 32, rng)[0].mean() for _ in range(40)] for c in range(len(CLASSES_2D))}
     spread = max(np.mean(v) for v in means.values()) - min(np.mean(v) for v in means.values())
     assert spread < 0.5 * min(np.std(v) for v in means.values())
+
+
+def _pixels(generator, size, count, seed, grid):
+    rng = np.random.default_rng(seed)
+    x = np.stack([generator(i % 4, size, rng)[0][0].astype(np.float32) for i in range(count)])
+    x = (x - x.mean(axis=tuple(range(1, x.ndim)), keepdims=True)) / x.std(axis=tuple(range(1, x.ndim)), keepdims=True)
+    f = size // grid
+    x = x.reshape(count, *[v for _ in range(x.ndim - 1) for v in (grid, f)]).mean(axis=tuple(range(2, 2 * x.ndim, 2)))
+    import torch
+    return torch.from_numpy(x.reshape(count, -1)), torch.arange(count) % 4
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_raw_pixels_cannot_tell_the_demo_classes(dims):
+    """The demo's classes are not in the pixels: kNN and a linear probe on raw pixels stay near chance (25%)."""
+    from pretrain.eval.knn import knn_top1
+    from pretrain.eval.linear import linear_probe
+
+    generator, size, n = (radiograph, 64, 600) if dims == 2 else (ct_volume, 32, 240)
+    for grid in ((8, 64) if dims == 2 else (4, 32)):  # the ViT's patch grid, and every pixel
+        x, y = _pixels(generator, size, n, 1, grid)
+        xv, yv = _pixels(generator, size, n // 2, 2, grid)
+        assert knn_top1(x, y, xv, yv, k=20, temperature=0.07) < 0.40
+        assert linear_probe({"pixels": x}, y, {"pixels": xv}, yv).accuracy < 0.40
 
 
 @pytest.mark.slow
@@ -42,6 +69,14 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
     assert 0.0 <= summary["knn_init"] <= 1.0 and 0.0 <= summary["knn_final"] <= 1.0
+    # Every result stands beside raw pixels and the random-init encoder, with the gain over the better one.
+    ev = summary["eval"]
+    assert {"raw_pixels", "random_init", "pretrained", "gain_over_baselines"} <= set(ev)
+    assert {"knn", "linear"} <= set(ev["raw_pixels"]) and {"knn_cls", "knn_mean", "linear"} <= set(ev["pretrained"])
+    assert ev["random_init"]["knn"] == summary["knn_init"] and ev["pretrained"]["knn"] == summary["knn_final"]
+    assert ev["gain_over_baselines"]["linear"] == pytest.approx(
+        ev["pretrained"]["linear"] - max(ev["raw_pixels"]["linear"], ev["random_init"]["linear"]))
+    assert "raw pixels" in proc.stdout and "random init" in proc.stdout and "gain" in proc.stdout
     assert (run / "export" / "model.safetensors").is_file() and summary["export"] == str((run / "export").resolve())
     assert "kNN top-1" in proc.stdout and str(run / "export") in proc.stdout
     # `pretrain eval knn` on the run pools as training did, so it reports summary.json's number
@@ -51,12 +86,20 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     for source in (run, run / "export"):
         assert main(["eval", "knn", str(source), *knn_args]) == 0
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] == summary["knn_final"]
+    # `pretrain eval probe` reports the run's numbers and the same raw-pixel baseline
+    assert main(["eval", "probe", str(run / "export"), *knn_args]) == 0
+    probe = json.loads(capsys.readouterr().out)
+    for key in ("knn_cls", "knn_mean", "linear"):
+        assert probe["pretrained"][key] == summary["eval"]["pretrained"][key]
+    assert probe["raw_pixels"] == summary["eval"]["raw_pixels"]
     # TensorBoard event files hold the loss curve and the reconstruction images.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
     assert [e.step for e in events.Scalars("loss/total")][-1] == 4
-    assert {"optim/lr", "optim/grad_norm", "perf/samples_per_s", "perf/data_wait_s", "eval/knn_top1"} <= set(events.Tags()["scalars"])
+    assert {"optim/lr", "optim/grad_norm", "perf/samples_per_s", "perf/data_wait_s", "eval/knn_top1", "eval/linear",
+            "eval/raw_pixels/linear", "eval/random_init/knn_mean", "eval/encoder/knn_cls",
+            "collapse/encoder/cls/rank", "collapse/encoder/patch/cosine"} <= set(events.Tags()["scalars"])
     assert "mae/original_masked_reconstruction" in events.Tags()["images"]
     # The checkpoint keeps only the configured number of complete steps and a valid `latest`.
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
@@ -116,13 +159,15 @@ def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_pat
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(teacher " in proc.stdout + proc.stderr and "student " in proc.stdout + proc.stderr
+    assert "teacher kNN" in proc.stdout + proc.stderr and "student kNN" in proc.stdout + proc.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss/dino", "loss/ibot", "loss/koleo", "schedule/teacher_temp", "schedule/momentum",
-            "eval/knn_top1_teacher", "eval/knn_top1_student"} <= tags, tags
+            "eval/teacher/linear", "eval/student/linear", "eval/teacher/knn_mean",
+            *(f"collapse/{t}/{k}/{s}" for t in ("teacher", "student") for k in ("cls", "patch") for s in ("std", "cosine", "rank"))
+            } <= tags, tags
     temps = [e.value for e in events.Scalars("schedule/teacher_temp")]
     assert temps == sorted(temps) and temps[0] >= 0.04
     # The export is the teacher, and timm loads it strictly.

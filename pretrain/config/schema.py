@@ -75,7 +75,8 @@ class EvalConfig:
     knn_train: str | None = None  # labelled shards: the kNN memory bank
     knn_val: str | None = None  # labelled shards: the queries
     every: int = 0  # steps between evaluations during training; 0: start and end only
-    at_start: bool = True  # evaluate the random-init encoder before training
+    at_start: bool = True  # evaluate the random-init encoder before training (the baseline every result is set beside)
+    baselines: bool = True  # with at_start: also the raw-pixel baseline (the view averaged to the encoder's output grid)
     k: int = 20  # neighbours per query in the weighted kNN vote
     temperature: float = 0.07  # each neighbour's vote weighs exp(cosine similarity / temperature)
     pool: Literal["cls", "mean", "cls+mean"] | None = None  # None: the objective's choice

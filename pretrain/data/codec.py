@@ -8,6 +8,8 @@ A sample is a group of tar members sharing a key (webdataset convention):
   voxel spacing (or null), label index and name (or null).
 - ``<key>.cls``  the label index as ASCII, when the sample has one.
 - ``<key>.txt``  free text (e.g. a report), when the sample has one.
+- ``<key>.seg.npy`` an integer label map on the image's grid, ``(1, *spatial)``,
+  when the sample has one (for dense probes); ``meta["mask_labels"]`` names its values.
 """
 from __future__ import annotations
 
@@ -22,14 +24,24 @@ class SampleDecodeError(ValueError):
     """A sample's bytes do not decode; the message names the shard and key."""
 
 
-def encode_sample(key: str, image: np.ndarray, meta: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(key: str, image: np.ndarray, meta: dict[str, Any], text: str | None = None,
+                  mask: np.ndarray | None = None) -> dict[str, Any]:
     """Tar members for one sample, ready for ``webdataset.TarWriter.write``."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset groups members by key)")
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
     meta = dict(meta, shape=list(image.shape), dtype=str(image.dtype))
-    members: dict[str, Any] = {"__key__": key, "npy": buf.getvalue(), "json": json.dumps(meta).encode()}
+    members: dict[str, Any] = {"__key__": key, "npy": _npy_bytes(image), "json": json.dumps(meta).encode()}
+    if mask is not None:
+        if mask.shape[1:] != image.shape[1:] or mask.shape[0] != 1 or mask.dtype.kind not in "ui":
+            raise ValueError(f"sample {key!r}: mask must be an integer array of shape (1, {', '.join(map(str, image.shape[1:]))}), "
+                             f"got {mask.dtype} {mask.shape}")
+        members["seg.npy"] = _npy_bytes(mask)
     if meta.get("label") is not None:
         members["cls"] = str(int(meta["label"])).encode()
     if text is not None:
@@ -38,15 +50,17 @@ def encode_sample(key: str, image: np.ndarray, meta: dict[str, Any], text: str |
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """``{"__key__", "__url__", "image", "meta", "label", "text"}`` from raw tar members."""
+    """``{"__key__", "__url__", "image", "meta", "label", "text", "mask"}`` from raw tar members
+    (``mask`` is None where the sample has none)."""
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     try:
         image = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
         meta = json.loads(raw["json"]) if "json" in raw else {}
+        mask = np.load(io.BytesIO(raw["seg.npy"]), allow_pickle=False) if "seg.npy" in raw else None
     except KeyError as e:
         raise SampleDecodeError(f"{url}: sample {key!r} has no {e.args[0]!r} member") from None
     except Exception as e:  # numpy/json raise many types on damaged bytes
         raise SampleDecodeError(f"{url}: sample {key!r} does not decode: {e}") from e
     label = meta.get("label")
     text = raw["txt"].decode("utf-8") if "txt" in raw else None
-    return {"__key__": key, "__url__": url, "image": image, "meta": meta, "label": label, "text": text}
+    return {"__key__": key, "__url__": url, "image": image, "meta": meta, "label": label, "text": text, "mask": mask}

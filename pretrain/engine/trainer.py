@@ -30,7 +30,8 @@ from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_di
 from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
 from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
 from pretrain.engine.preemption import StopRequest
-from pretrain.eval.knn import knn_accuracy
+from pretrain.eval.collapse import embedding_scalars
+from pretrain.eval.frozen import FrozenEvalData, evaluate_encoder, evaluate_pixels, gains
 from pretrain.objectives import build_objective
 from pretrain.objectives.base import BuildContext
 from pretrain.optim.param_groups import apply_scales
@@ -150,34 +151,52 @@ class Trainer:
         return self.stream.position(self.step * self.cfg.train.grad_accum)
 
     # --- evaluation ---------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float] | None:
-        """kNN top-1 of each encoder of the objective's eval bundle (the first one is the run's headline)."""
-        ev = self.cfg.eval
+    def _eval_data(self) -> FrozenEvalData | None:
+        ev, model = self.cfg.eval, self.cfg.model
         if not (ev.knn_train and ev.knn_val):
             return None
-        model = self.cfg.model
         view = partial(_eval_view, size=model.img_size_tuple(), channels=model.in_chans, intensity=self.cfg.data.intensity)
-        bundle = self.objective.eval_bundle()
-        return {
-            name: knn_accuracy(
-                encoder, ev.knn_train, ev.knn_val, view, pool=ev.pool or bundle.pool, k=ev.k,
-                temperature=ev.temperature, batch_size=ev.batch_size, device=self.dist.device,
-                dtype=PRECISION_DTYPES[self.cfg.train.precision],
-            )
-            for name, encoder in bundle.encoders.items()
-        }
+        return FrozenEvalData(ev.knn_train, ev.knn_val, view, k=ev.k, temperature=ev.temperature,
+                              batch_size=ev.batch_size, device=self.dist.device,
+                              dtype=PRECISION_DTYPES[self.cfg.train.precision])
 
-    def _log_eval(self, monitor: Monitor, accs: dict[str, float] | None, label: str) -> float | None:
-        """Log kNN results as eval/knn_top1 (headline) and eval/knn_top1_<name>; returns the headline."""
-        if not accs:
+    def evaluate(self, encoders: str = "all") -> dict[str, dict[str, Any]] | None:
+        """kNN (class token, mean patch tokens, the method's pooling) and a linear probe of each encoder of
+        the objective's eval bundle, the first being the run's headline; ``encoders="headline"``: that one only."""
+        data = self._eval_data()
+        if data is None:
             return None
-        headline = next(iter(accs.values()))
-        named = accs if len(accs) > 1 else {}
-        scalars = {"eval/knn_top1": headline, **{f"eval/knn_top1_{n}": a for n, a in named.items()}}
+        bundle = self.objective.eval_bundle()
+        chosen = dict([bundle.headline]) if encoders == "headline" else bundle.encoders
+        return {name: evaluate_encoder(enc, data, self.cfg.eval.pool or bundle.pool) for name, enc in chosen.items()}
+
+    def evaluate_baselines(self, monitor: Monitor) -> None:
+        """Before the first step: the random-init encoder and raw pixels (on the encoder's output grid), kept
+        in the run's history so every later result, and summary.json, stands beside them."""
+        data = self._eval_data()
+        if data is None:
+            return
+        random_init = next(iter(self.evaluate("headline").values()))
+        baselines = {"random_init": random_init}
+        if self.cfg.eval.baselines:
+            baselines["raw_pixels"] = evaluate_pixels(self.objective.eval_bundle().headline[1].grid_size(), data)
+        self.history["knn_init"] = random_init["knn"]
+        self.history["eval_baselines"] = baselines
+        for name, result in baselines.items():
+            monitor.scalars(self.step, _eval_scalars(name, result))
+        monitor.message("[eval] step 0: " + "; ".join(f"{n.replace('_', ' ')} {_describe(r)}" for n, r in baselines.items()))
+
+    def _log_eval(self, monitor: Monitor, results: dict[str, dict[str, Any]] | None, label: str) -> float | None:
+        """Log eval/<encoder>/... per encoder and eval/knn_top1, eval/linear for the headline; returns its kNN."""
+        if not results:
+            return None
+        headline = next(iter(results.values()))
+        scalars = {"eval/knn_top1": headline["knn"], "eval/linear": headline["linear"]}
+        for name, result in results.items():
+            scalars.update(_eval_scalars(name, result))
         monitor.scalars(self.step, scalars)
-        parts = ", ".join(f"{n} {a:.4f}" for n, a in named.items())
-        monitor.message(f"[eval] {label}: kNN top-1 {headline:.4f}" + (f" ({parts})" if len(accs) > 1 else ""))
-        return headline
+        monitor.message(f"[eval] {label}: " + "; ".join(f"{n} {_describe(r)}" for n, r in results.items()))
+        return headline["knn"]
 
     # --- the loop -----------------------------------------------------------------------
     def fit(self, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -196,9 +215,7 @@ class Trainer:
             f" | kernels {_kernel_choice()} | {'resuming at step ' + str(self.step) if self.resumed else 'from scratch'}"
         )
         if not self.resumed and cfg.eval.at_start:
-            acc = self._log_eval(monitor, self.evaluate(), "step 0 (random init)")
-            if acc is not None:
-                self.history["knn_init"] = acc
+            self.evaluate_baselines(monitor)
 
         loader = make_loader(self.stream, cfg.data.num_workers)
         batches = iter(loader)
@@ -220,6 +237,8 @@ class Trainer:
                     last_parts = self._reduce_parts(parts)
                     scalars = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in last_parts.items()}
                     scalars.update(self._step_scalars(values, timer, flops_per_sample, tokens_per_sample, peak))
+                    if out is not None and self.dist.is_main:
+                        scalars.update(embedding_scalars(out))  # collapse indicators of this rank's batch
                     if stream_stats:
                         scalars["data/corrupt_shards"] = stream_stats.get("corrupt_shards", 0)
                         scalars["data/bad_samples"] = stream_stats.get("bad_samples", 0)
@@ -242,13 +261,14 @@ class Trainer:
                 if interrupted:
                     monitor.message(f"[medpretrain] {interrupted.name} received: checkpointed step {self.step}, stopping")
                     break
-            final_acc = None if interrupted else self._log_eval(monitor, self.evaluate(), f"step {self.step}")
+            final = None if interrupted else self.evaluate()
+            self._log_eval(monitor, final, f"step {self.step}")
         finally:
             monitor.close()
             if metrics_file is not None:
                 metrics_file.close()
             del batches
-        return self._summary(final_acc, time.perf_counter() - started, interrupted.name if interrupted else None)
+        return self._summary(final, time.perf_counter() - started, interrupted.name if interrupted else None)
 
     def train_step(self, batches, timer: StepTimer | None = None, measure_grad_norm: bool = False):
         """One optimizer step over ``grad_accum`` micro-batches from ``batches``, through the objective's
@@ -350,8 +370,9 @@ class Trainer:
             dump_config(self.cfg), self.cfg.train.keep_checkpoints,
         )
 
-    def _summary(self, final_acc: float | None, wall_tail: float, interrupted: str | None) -> dict[str, Any]:
+    def _summary(self, final: dict[str, dict[str, Any]] | None, wall_tail: float, interrupted: str | None) -> dict[str, Any]:
         self.history["wall_seconds"] += wall_tail
+        final_acc = next(iter(final.values()))["knn"] if final else None
         summary = {
             "run_dir": str(self.run_dir.resolve()),
             "objective": self.cfg.objective.name,
@@ -361,6 +382,7 @@ class Trainer:
             "final_loss": self.history.get("final_loss"),
             "knn_init": self.history.get("knn_init"),
             "knn_final": final_acc,
+            "eval": _eval_summary(final, self.history.get("eval_baselines", {})),
             "checkpoint": str((self.ckpt_dir / ckpt.tag_for(self.step)).resolve()),
             "tensorboard": str((self.run_dir / "tb").resolve()),
             "export": None,
@@ -369,6 +391,28 @@ class Trainer:
         if self.dist.is_main and not interrupted:
             write_summary(self.run_dir, summary)
         return summary
+
+
+def _eval_scalars(name: str, result: dict[str, Any]) -> dict[str, float]:
+    return {f"eval/{name}/{k}": v for k, v in result.items() if isinstance(v, float) and k != "linear_weight_decay"}
+
+
+def _describe(result: dict[str, Any]) -> str:
+    knn = ", ".join(f"{k[4:] or 'pool'} {v:.3f}" for k, v in result.items() if k.startswith("knn_"))
+    return f"kNN {knn or format(result['knn'], '.3f')} | linear {result['linear']:.3f} ({result['linear_features']})"
+
+
+def _eval_summary(final: dict[str, dict[str, Any]] | None, baselines: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """summary.json's "eval": the headline encoder beside its baselines and by how much it beats the better one."""
+    if not final and not baselines:
+        return None
+    summary: dict[str, Any] = dict(baselines)
+    if final:
+        name, headline = next(iter(final.items()))
+        summary.update(pretrained=dict(headline, encoder=name), gain_over_baselines=gains(headline, baselines))
+        if len(final) > 1:
+            summary["encoders"] = final
+    return summary
 
 
 def open_metrics(path: Path, resume_step: int):

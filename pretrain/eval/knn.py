@@ -30,21 +30,25 @@ def iter_labelled_samples(spec: str | list[str]) -> Iterator[dict]:
         yield sample
 
 
+Featurize = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
 @torch.no_grad()
 def extract_features(
-    encoder: nn.Module,
+    featurize: Featurize,
     spec: str | list[str],
     view: Callable[[dict], torch.Tensor],
     *,
-    pool: str,
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features N x F float32, labels N) on every rank; ranks share the forward work.
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({name: features N x F float32}, labels N) on every rank; ranks share the forward work.
 
-    Every rank runs the same number of forward calls (ZeRO-3 gathers parameters
-    collectively), padding with a repeat of its last batch where it has fewer.
+    ``featurize`` maps a batch of views to named feature sets (e.g. class token
+    and mean patch token from one forward). Every rank runs the same number of
+    calls (ZeRO-3 gathers parameters collectively), padding with a repeat of
+    its last batch where it has fewer.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -54,27 +58,40 @@ def extract_features(
     mine = samples[rank::world]
     per_rank = math.ceil(len(samples) / world)
     calls = math.ceil(per_rank / batch_size)
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels = [], []
+    feats: dict[str, list[torch.Tensor]] = {}
+    labels = []
     for i in range(calls):
         chunk = mine[i * batch_size : (i + 1) * batch_size]
         pad = not chunk
         chunk = chunk or mine[-1:] or samples[:1]
         x = torch.stack([view(s) for s in chunk]).to(device=device, dtype=dtype)
-        tokens = encoder.forward_features(x)
+        named = featurize(x)
         if not pad:
-            feats.append(encoder.pool(tokens, pool).float().cpu())
+            for name, f in named.items():
+                feats.setdefault(name, []).append(f.float().cpu())
             labels.extend(int(s["label"]) for s in chunk)
-    encoder.train(was_training)
-    f = torch.cat(feats) if feats else torch.zeros(0)
+    out = {name: torch.cat(fs) for name, fs in feats.items()}
     y = torch.tensor(labels, dtype=torch.long)
     if world > 1:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (f, y))
-        f = torch.cat([g[0] for g in gathered if g[0].numel()])
+        dist.all_gather_object(gathered, (out, y))
+        names = next(g[0] for g in gathered if g[0]).keys()
+        out = {n: torch.cat([g[0][n] for g in gathered if g[0]]) for n in names}
         y = torch.cat([g[1] for g in gathered])
-    return f, y
+    return out, y
+
+
+def encoder_features(encoder: nn.Module, pools=("cls", "mean")) -> Featurize:
+    """A featurizer for a frozen encoder: each pooling of one forward (in eval mode)."""
+    def featurize(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            tokens = encoder.forward_features(x)
+        finally:
+            encoder.train(was_training)
+        return {p: encoder.pool(tokens, p) for p in pools}
+    return featurize
 
 
 def knn_predict(
@@ -102,9 +119,14 @@ def knn_accuracy(
     encoder: nn.Module, bank_spec, query_spec, view, *, pool: str, k: int, temperature: float,
     batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Top-1 accuracy in [0, 1] of weighted kNN on the frozen encoder's features."""
-    bank_f, bank_y = extract_features(encoder, bank_spec, view, pool=pool, batch_size=batch_size, device=device, dtype=dtype)
-    query_f, query_y = extract_features(encoder, query_spec, view, pool=pool, batch_size=batch_size, device=device, dtype=dtype)
+    """Top-1 accuracy in [0, 1] of weighted kNN on the frozen encoder's ``pool`` features."""
+    featurize = encoder_features(encoder, (pool,))
+    bank, bank_y = extract_features(featurize, bank_spec, view, batch_size=batch_size, device=device, dtype=dtype)
+    query, query_y = extract_features(featurize, query_spec, view, batch_size=batch_size, device=device, dtype=dtype)
+    return knn_top1(bank[pool], bank_y, query[pool], query_y, k=k, temperature=temperature)
+
+
+def knn_top1(bank_NF, bank_y, query_QF, query_y, *, k: int, temperature: float) -> float:
     num_classes = int(max(bank_y.max(), query_y.max())) + 1
-    pred = knn_predict(bank_f, bank_y, query_f, k=k, temperature=temperature, num_classes=num_classes)
+    pred = knn_predict(bank_NF, bank_y, query_QF, k=k, temperature=temperature, num_classes=num_classes)
     return float((pred == query_y).float().mean())

@@ -235,7 +235,7 @@ class DINO(Objective):
         koleo_terms = [koleo_loss(c) for c in s_cls.chunk(n_global)]
         dinov2 = self.cfg.loss_weighting == "dinov2"
         loss_koleo = sum(koleo_terms) if dinov2 else sum(koleo_terms) / n_global
-        out = {"dino": loss_dino.detach(), "koleo": loss_koleo.detach()}
+        out = {"dino": loss_dino.detach(), "koleo": loss_koleo.detach(), **self._embeddings(t_tokens, s_tokens)}
         loss = self.cfg.dino_weight * loss_dino + self.cfg.koleo_weight * loss_koleo
         if self.use_ibot:
             s_patch_logits = self.student.patch_head()(s_tokens[:, self.prefix:][masks])
@@ -244,6 +244,11 @@ class DINO(Objective):
             loss = loss + self.cfg.ibot_weight * loss_ibot
             out.update(ibot=loss_ibot.detach(), masked_fraction=masks.float().mean())
         return {"loss": loss, **out}
+
+    def _embeddings(self, t_tokens: torch.Tensor, s_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The global crops' class and mean patch tokens of both towers, for the trainer's collapse monitor."""
+        return {f"_embed/{tower}/{kind}": value.detach() for tower, tokens in (("teacher", t_tokens), ("student", s_tokens))
+                for kind, value in (("cls", tokens[:, 0]), ("patch", tokens[:, self.prefix:].mean(1)))}
 
     # --- hooks ----------------------------------------------------------------------------
     def schedules(self) -> dict[str, Schedule]:

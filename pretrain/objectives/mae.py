@@ -169,7 +169,10 @@ class MAE(Objective):
         per_patch = (pred - self.target(batch["image"])).pow(2).mean(dim=-1)
         loss = (per_patch * mask).sum() / mask.sum()
         visible_mse = (per_patch * (1 - mask)).sum() / (1 - mask).sum().clamp_min(1)
-        return {"loss": loss, "visible_mse": visible_mse.detach(), "_pred": pred.detach(), "_mask": mask}
+        prefix = self.backbone.num_prefix_tokens
+        return {"loss": loss, "visible_mse": visible_mse.detach(), "_pred": pred.detach(), "_mask": mask,
+                # for the trainer's collapse monitor: class token and mean of the visible patch tokens
+                "_embed/encoder/cls": latent[:, 0].detach(), "_embed/encoder/patch": latent[:, prefix:].mean(1).detach()}
 
     # --- hooks ----------------------------------------------------------------------------
     def eval_bundle(self) -> EvalBundle:

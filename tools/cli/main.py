@@ -28,7 +28,19 @@ def _print_summary(summary: dict) -> None:
     print(f"\nrun directory : {summary['run_dir']}")
     loss = "n/a (last step skipped)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     print(f"steps         : {summary['steps']}  ({summary['wall_seconds']:.0f} s)  final loss {loss}")
-    print(f"kNN top-1     : random init {pct(summary['knn_init'])}  ->  pretrained {pct(summary['knn_final'])}")
+    ev = summary.get("eval") or {}
+    if ev.get("pretrained"):
+        rows = [(name, ev[key]) for name, key in (("raw pixels", "raw_pixels"), ("random init", "random_init"),
+                                                  ("pretrained", "pretrained")) if ev.get(key)]
+        print(f"held-out      : {'':12}{'linear':>8}{'kNN cls':>9}{'kNN mean':>10}")
+        for name, r in rows:
+            print(f"{'':16}{name:12}{pct(r['linear']):>8}{pct(r.get('knn_cls', r['knn'])):>9}{pct(r.get('knn_mean')):>10}")
+        gain = ev.get("gain_over_baselines") or {}
+        if gain:
+            print(f"gain          : linear {100 * gain['linear']:+.1f} points, kNN {100 * gain['knn']:+.1f} points "
+                  "over the better baseline")
+    else:
+        print(f"kNN top-1     : random init {pct(summary['knn_init'])}  ->  pretrained {pct(summary['knn_final'])}")
     print(f"tensorboard   : tensorboard --logdir {summary['tensorboard']}")
     print(f"checkpoint    : {summary['checkpoint']}")
     print(f"export        : {summary['export'] or 'not exported'}")
@@ -61,12 +73,33 @@ def _eval_knn(args: argparse.Namespace) -> int:
     def view(sample):
         return eval_view(sample["image"], size, m.in_chans, intensity, key=sample["__key__"])
 
+    if args.eval_command == "probe":
+        print(json.dumps(_probe(args, encoder, view, pool), indent=2))
+        return 0
     acc = knn_accuracy(
         encoder, args.train, args.val, view, pool=pool, k=args.k, temperature=args.temperature,
         batch_size=args.batch_size, device=torch.device("cpu"),
     )
     print(json.dumps({"knn_top1": acc, "k": args.k, "temperature": args.temperature, "pool": pool}))
     return 0
+
+
+def _probe(args: argparse.Namespace, encoder, view, pool: str) -> dict:
+    """kNN (cls, mean) and a linear probe of ``encoder`` beside raw pixels and a random-init encoder of the
+    same architecture (seed ``--seed``), as summary.json reports them."""
+    import torch
+
+    from pretrain.eval.frozen import FrozenEvalData, evaluate_encoder, evaluate_pixels, gains
+    from pretrain.models.backbones import build_backbone
+
+    data = FrozenEvalData(args.train, args.val, view, k=args.k, temperature=args.temperature, batch_size=args.batch_size)
+    result = {"pretrained": evaluate_encoder(encoder, data, pool)}
+    if not args.no_baselines:
+        torch.manual_seed(args.seed)
+        baselines = {"random_init": evaluate_encoder(build_backbone(encoder.cfg), data, pool),
+                     "raw_pixels": evaluate_pixels(encoder.grid_size(), data)}
+        result.update(baselines, gain_over_baselines=gains(result["pretrained"], baselines))
+    return result
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -94,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate an encoder").add_subparsers(dest="eval_command", required=True)
-    k = ev.add_parser("knn", help="weighted kNN top-1 of a frozen encoder on labelled shards")
+    _common = k = argparse.ArgumentParser(add_help=False)  # what every `eval` command takes
     k.add_argument("source", nargs="?", help="export folder, run directory or checkpoint folder")
     k.add_argument("--random-init", metavar="CONFIG", help="evaluate a random-init encoder built from CONFIG")
     k.add_argument("overrides", nargs="*", help="config overrides with --random-init")
@@ -106,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token pooling (default: the one the encoder's objective uses in training)")
     k.add_argument("--intensity", choices=["zscore", "range", "none"], help="default: the one the encoder was trained with")
     k.add_argument("--batch-size", type=int, default=64)
+    k = ev.add_parser("knn", parents=[_common], help="weighted kNN top-1 of a frozen encoder on labelled shards")
     k.set_defaults(func=_eval_knn)
+    pr = ev.add_parser("probe", parents=[_common],
+                       help="kNN on class and mean patch tokens and a linear probe, beside raw pixels and random init")
+    pr.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
+    pr.set_defaults(func=_eval_knn)
 
     from pretrain.tools.ingest.cli import add_medical_parser, add_shards_parser
 
@@ -139,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MEDPRETRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "eval" and not args.random_init and not args.source:
-        print("pretrain eval knn: give SOURCE or --random-init CONFIG", file=sys.stderr)
+        print(f"pretrain eval {args.eval_command}: give SOURCE or --random-init CONFIG", file=sys.stderr)
         return 2
     try:
         return args.func(args)

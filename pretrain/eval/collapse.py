@@ -1,0 +1,48 @@
+"""Collapse indicators of a batch of embeddings, cheap enough to log at every logged step.
+
+For features X (B, D) of one batch:
+
+- ``std``: the mean over dimensions of the per-dimension standard deviation of
+  the L2-normalised rows. About 1/sqrt(D) for features spread over the sphere,
+  0 when every sample maps to one point (SimSiam's indicator).
+- ``cosine``: the mean cosine similarity over pairs of different samples; near 1
+  when all features point one way (the failure a kNN on such features hides
+  least well, and a linear probe can still read past).
+- ``rank``: the effective rank of the centred features (Roy & Vetterli, 2007):
+  exp(entropy of the singular values normalised to sum 1), between 1 (one
+  direction carries everything) and min(B, D).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def collapse_stats(x_BD: torch.Tensor) -> dict[str, float]:
+    x = x_BD.detach().float()
+    if x.shape[0] < 2:
+        return {}
+    z = F.normalize(x, dim=1)
+    B = z.shape[0]
+    gram = z @ z.T
+    cosine = (gram.sum() - gram.diagonal().sum()) / (B * (B - 1))
+    s = torch.linalg.svdvals(x - x.mean(0))
+    s = s[s > 1e-6 * float(x.abs().max()) * max(x.shape) ** 0.5]  # rounding noise is not a direction
+    total = s.sum()
+    if s.numel() == 0 or not torch.isfinite(total):
+        rank = torch.tensor(1.0)
+    else:
+        p = s / total
+        rank = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+    return {"std": float(z.std(0).mean()), "cosine": float(cosine), "rank": float(rank)}
+
+
+def embedding_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``collapse/<tower>/<kind>/<stat>`` for every ``_embed/<tower>/<kind>`` (B, D) an objective's forward returned."""
+    scalars = {}
+    for key, value in outputs.items():
+        if key.startswith("_embed/") and torch.is_tensor(value) and value.dim() == 2:
+            name = key[len("_embed/"):]
+            scalars.update({f"collapse/{name}/{stat}": v for stat, v in collapse_stats(value).items()})
+    return scalars

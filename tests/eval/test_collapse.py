@@ -1,0 +1,35 @@
+"""Collapse indicators against cases whose answer is known."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.eval.collapse import collapse_stats, embedding_scalars
+
+
+def test_identical_features_are_fully_collapsed():
+    stats = collapse_stats(torch.ones(32, 16) * torch.randn(16))
+    assert stats["std"] < 1e-6 and abs(stats["cosine"] - 1) < 1e-6 and stats["rank"] == 1.0
+
+
+def test_isotropic_features_are_spread():
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    stats = collapse_stats(x)
+    assert abs(stats["std"] - 1 / math.sqrt(16)) < 0.02
+    assert abs(stats["cosine"]) < 0.02
+    assert 14 < stats["rank"] <= 16
+
+
+def test_effective_rank_counts_directions_and_a_common_offset_shows_in_cosine():
+    g = torch.Generator().manual_seed(1)
+    two = torch.randn(128, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    assert 1.5 < collapse_stats(two)["rank"] <= 2.0 + 1e-4
+    offset = torch.randn(128, 32, generator=g) * 0.1 + 5.0  # all near one direction: a collapsed class token
+    stats = collapse_stats(offset)
+    assert stats["cosine"] > 0.99 and stats["rank"] > 20  # the spread left is still full-rank
+
+
+def test_only_embedding_outputs_become_scalars():
+    out = {"loss": torch.tensor(1.0), "_embed/teacher/cls": torch.randn(8, 4), "_pred": torch.randn(8, 4)}
+    assert set(embedding_scalars(out)) == {"collapse/teacher/cls/std", "collapse/teacher/cls/cosine", "collapse/teacher/cls/rank"}

@@ -38,7 +38,7 @@ def _pixels(generator, size, count, seed, grid):
     return torch.from_numpy(x.reshape(count, -1)), torch.arange(count) % 4
 
 
-@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dims", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_raw_pixels_cannot_tell_the_demo_classes(dims):
     """The demo's classes are not in the pixels: kNN and a linear probe on raw pixels stay near chance (25%)."""
     from pretrain.eval.knn import knn_top1

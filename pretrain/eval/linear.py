@@ -7,8 +7,8 @@ L2 strength ``wd`` of a grid, minimise
 
 with full-batch L-BFGS (the problem is strictly convex, so the optimum does
 not depend on a learning rate or an epoch count; for a given machine and
-thread count the result is deterministic). All weight decays of one feature set train together as one
-batched problem. The choice is made on a held-out fifth of the *training*
+thread count the result is deterministic). All weight decays of one feature
+set train together as one batched problem. The choice is made on a held-out fifth of the *training*
 set; the chosen (features, wd) is refitted on the whole training set and
 scored once on the evaluation set, which never influences a choice.
 """

@@ -31,7 +31,7 @@ from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspee
 from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
 from pretrain.engine.preemption import StopRequest
 from pretrain.eval.collapse import embedding_scalars
-from pretrain.eval.frozen import FrozenEvalData, evaluate_encoder, evaluate_pixels, gains
+from pretrain.eval.frozen import FrozenEvalData, evaluate_baselines, evaluate_encoder, gains
 from pretrain.objectives import build_objective
 from pretrain.objectives.base import BuildContext
 from pretrain.optim.param_groups import apply_scales
@@ -160,15 +160,15 @@ class Trainer:
                               batch_size=ev.batch_size, device=self.dist.device,
                               dtype=PRECISION_DTYPES[self.cfg.train.precision])
 
-    def evaluate(self, encoders: str = "all") -> dict[str, dict[str, Any]] | None:
+    def evaluate(self) -> dict[str, dict[str, Any]] | None:
         """kNN (class token, mean patch tokens, the method's pooling) and a linear probe of each encoder of
-        the objective's eval bundle, the first being the run's headline; ``encoders="headline"``: that one only."""
+        the objective's eval bundle, the first being the run's headline."""
         data = self._eval_data()
         if data is None:
             return None
         bundle = self.objective.eval_bundle()
-        chosen = dict([bundle.headline]) if encoders == "headline" else bundle.encoders
-        return {name: evaluate_encoder(enc, data, self.cfg.eval.pool or bundle.pool) for name, enc in chosen.items()}
+        pool = self.cfg.eval.pool or bundle.pool
+        return {name: evaluate_encoder(enc, data, pool) for name, enc in bundle.encoders.items()}
 
     def evaluate_baselines(self, monitor: Monitor) -> None:
         """Before the first step: the random-init encoder and raw pixels (on the encoder's output grid), kept
@@ -176,11 +176,9 @@ class Trainer:
         data = self._eval_data()
         if data is None:
             return
-        random_init = next(iter(self.evaluate("headline").values()))
-        baselines = {"random_init": random_init}
-        if self.cfg.eval.baselines:
-            baselines["raw_pixels"] = evaluate_pixels(self.objective.eval_bundle().headline[1].grid_size(), data)
-        self.history["knn_init"] = random_init["knn"]
+        bundle = self.objective.eval_bundle()
+        baselines = evaluate_baselines(bundle.headline[1], data, self.cfg.eval.pool or bundle.pool, self.cfg.eval.baselines)
+        self.history["knn_init"] = baselines["random_init"]["knn"]
         self.history["eval_baselines"] = baselines
         for name, result in baselines.items():
             monitor.scalars(self.step, _eval_scalars(name, result))

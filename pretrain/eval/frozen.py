@@ -82,6 +82,14 @@ def evaluate_pixels(grid: tuple[int, ...], data: FrozenEvalData) -> dict[str, An
     return result
 
 
+def evaluate_baselines(random_encoder, data: FrozenEvalData, pool: str | None = None, pixels: bool = True) -> dict[str, Any]:
+    """``random_init`` (the architecture before training) and, with ``pixels``, ``raw_pixels`` on its output grid."""
+    baselines = {"random_init": evaluate_encoder(random_encoder, data, pool)}
+    if pixels:
+        baselines["raw_pixels"] = evaluate_pixels(random_encoder.grid_size(), data)
+    return baselines
+
+
 def best_knn(result: dict[str, Any]) -> float:
     return max(v for k, v in result.items() if k.startswith("knn") and isinstance(v, float))
 

@@ -89,15 +89,14 @@ def _probe(args: argparse.Namespace, encoder, view, pool: str) -> dict:
     same architecture (seed ``--seed``), as summary.json reports them."""
     import torch
 
-    from pretrain.eval.frozen import FrozenEvalData, evaluate_encoder, evaluate_pixels, gains
+    from pretrain.eval.frozen import FrozenEvalData, evaluate_baselines, evaluate_encoder, gains
     from pretrain.models.backbones import build_backbone
 
     data = FrozenEvalData(args.train, args.val, view, k=args.k, temperature=args.temperature, batch_size=args.batch_size)
     result = {"pretrained": evaluate_encoder(encoder, data, pool)}
     if not args.no_baselines:
         torch.manual_seed(args.seed)
-        baselines = {"random_init": evaluate_encoder(build_backbone(encoder.cfg), data, pool),
-                     "raw_pixels": evaluate_pixels(encoder.grid_size(), data)}
+        baselines = evaluate_baselines(build_backbone(encoder.cfg), data, pool)
         result.update(baselines, gain_over_baselines=gains(result["pretrained"], baselines))
     return result
 

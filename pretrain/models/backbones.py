@@ -21,6 +21,7 @@ final feature map, then one token per cell. Their FLOPs are counted by
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -180,8 +181,7 @@ def _timm(cfg: ModelConfig, target: str) -> FeatureMapEncoder:
         raise ValueError(f"model.name: timm has no model {target!r}")
 
     def factory() -> nn.Module:
-        return timm.create_model(target, pretrained=False, num_classes=0, global_pool="", in_chans=cfg.in_chans,
-                                 **cfg.kwargs)
+        return timm.create_model(target, pretrained=False, num_classes=0, global_pool="", **timm_model_args(cfg))
 
     return FeatureMapEncoder(factory, lambda net, x: net.forward_features(x), cfg)
 
@@ -193,21 +193,37 @@ def _monai_resnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
-def _monai(cfg: ModelConfig, target: str) -> FeatureMapEncoder:
+@dataclass
+class MonaiNetwork:
+    """How a ``monai:`` backbone is built and read: also what its export tells MONAI users."""
+
+    qualname: str  # the builder, e.g. monai.networks.nets.resnet10
+    args: dict[str, Any]  # its exact keyword arguments (JSON-safe)
+    features: Callable[[nn.Module, torch.Tensor], Any]  # network, input -> the feature map the encoder reads
+    call: str  # the same, as MONAI users write it (``net``: the built network, ``x``: the input)
+    pooled: bool  # ``call`` gives the embedding already; else the embedding is its mean over the spatial axes
+
+    def build(self) -> nn.Module:
+        module, _, name = self.qualname.rpartition(".")
+        return getattr(importlib.import_module(module), name)(**self.args)
+
+
+def monai_network(cfg: ModelConfig) -> MonaiNetwork:
+    """The MONAI network of ``model.name: monai:<target>`` (see the module docstring)."""
     from monai.networks import nets
 
+    target = cfg.name.partition(":")[2]
     dims, chans, kwargs = cfg.spatial_dims, cfg.in_chans, dict(cfg.kwargs)
     if target in _MONAI_RESNETS:
-        builder = getattr(nets, target)
-        return FeatureMapEncoder(lambda: builder(spatial_dims=dims, n_input_channels=chans, feed_forward=False,
-                                                 **kwargs), _monai_resnet_features, cfg)
+        args = {"spatial_dims": dims, "n_input_channels": chans, "feed_forward": False, **kwargs}
+        # forward with feed_forward=False (no fc) ends in the global average pool of layer4: the embedding
+        return MonaiNetwork(f"monai.networks.nets.{target}", args, _monai_resnet_features, "net(x)", True)
     if target == "swin":
-        from monai.networks.nets.swin_unetr import SwinTransformer
-
-        swin = {"embed_dim": 48, "window_size": (7,) * dims, "patch_size": (2,) * dims, "depths": (2, 2, 2, 2),
-                "num_heads": (3, 6, 12, 24), **kwargs}
-        return FeatureMapEncoder(lambda: SwinTransformer(in_chans=chans, spatial_dims=dims, **swin),
-                                 lambda net, x: net(x, normalize=True)[-1], cfg)
+        swin = {"embed_dim": 48, "window_size": [7] * dims, "patch_size": [2] * dims, "depths": [2, 2, 2, 2],
+                "num_heads": [3, 6, 12, 24], **kwargs}
+        return MonaiNetwork("monai.networks.nets.swin_unetr.SwinTransformer",
+                            {"in_chans": chans, "spatial_dims": dims, **swin},
+                            lambda net, x: net(x, normalize=True)[-1], "net(x, normalize=True)[-1]", False)
     cls = getattr(nets, target, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         known = ", ".join([*_MONAI_RESNETS, "swin"])
@@ -218,7 +234,17 @@ def _monai(cfg: ModelConfig, target: str) -> FeatureMapEncoder:
     if channel_arg is None:
         raise ValueError(f"model.name: monai:{target} takes no input-channel argument this wrapper knows")
     args = {channel_arg: chans, **({"spatial_dims": dims} if "spatial_dims" in params else {}), **kwargs}
-    return FeatureMapEncoder(lambda: cls(**args), lambda net, x: net(x), cfg)
+    return MonaiNetwork(f"monai.networks.nets.{target}", args, lambda net, x: net(x), "net(x)", False)
+
+
+def _monai(cfg: ModelConfig) -> FeatureMapEncoder:
+    network = monai_network(cfg)
+    return FeatureMapEncoder(network.build, network.features, cfg)
+
+
+def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments of a ``timm:`` backbone (the export's ``model_args``)."""
+    return {"in_chans": cfg.in_chans, **cfg.kwargs}
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -228,4 +254,4 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         return VisionTransformer(cfg)
     if kind == "timm":
         return _timm(cfg, target)
-    return _monai(cfg, target)
+    return _monai(cfg)

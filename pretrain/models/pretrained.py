@@ -2,8 +2,8 @@
 
 Public DINOv2 / timm ViTs are RGB at 224 (or 518) px with patch 14 or 16; our
 users train on 1-channel X-rays, other sizes and other patches. This module
-reads such weights (timm files, DINOv2 checkpoints, our exports and DeepSpeed
-checkpoints), maps them onto our names (timm's), adapts what can be adapted
+reads such weights (timm files, DINOv2 checkpoints, MONAI ViT / UNETR weights, our
+exports and DeepSpeed checkpoints), maps them onto our names (timm's), adapts what can be adapted
 exactly or in a documented way, and reports everything else instead of letting
 a wrong prefix or a foreign architecture load silently.
 
@@ -43,11 +43,11 @@ from pretrain.storage.checkpoints import COMPLETE, fp32_state_dict, resolve_chec
 from pretrain.models.pos_embed import resample_pos_embed
 from pretrain.models.vit import VisionTransformer
 
-WEIGHTS = "model.safetensors"  # the file tools/export.py writes, beside config.json
+WEIGHTS = "model.safetensors"  # the file tools/export writes, beside config.json
 CONTAINERS = ("teacher", "model", "state_dict", "module")
 # "teacher" before "student": DINO-style methods evaluate (and release) the EMA teacher.
 PREFIXES = ("", "teacher.backbone.", "student.backbone.", "backbone.", "encoder.",
-            "module.", "module.backbone.", "module.encoder.")
+            "module.", "module.backbone.", "module.encoder.", "vit.")
 PATCH_WEIGHT = "patch_embed.proj.weight"
 
 
@@ -103,11 +103,19 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# MONAI's ViT (our MONAI exports, UNETR's ``vit.``) -> timm's names; its position table has no class row
+_MONAI_NAMES = (("patch_embedding.patch_embeddings.", "patch_embed.proj."),
+                ("patch_embedding.position_embeddings", "pos_embed"), (".attn.out_proj.", ".attn.proj."),
+                (".mlp.linear1.", ".mlp.fc1."), (".mlp.linear2.", ".mlp.fc2."))
+
+
 def _rename(key: str) -> str:
-    """DINOv2's official names -> timm's (ours)."""
+    """DINOv2's official names and MONAI's ViT names -> timm's (ours)."""
     key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # FSDP block chunks: blocks.<chunk>.<index>.
     key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)  # packed SwiGLU, gate first
     key = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key)
+    for theirs, ours in _MONAI_NAMES:
+        key = key.replace(theirs, ours)
     return "reg_token" if key == "register_tokens" else key
 
 

@@ -33,5 +33,5 @@ def test_dino_trains_a_timm_and_a_monai_backbone_and_reports_knn(tmp_path, confi
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss/total"]) for r in rows)
     assert "loss/ibot" not in rows[0] and rows[0]["schedule/momentum"] > 0
     # the export is the teacher backbone; it reloads from its own config
-    meta = json.loads((run / "export" / "config.json").read_text())
+    meta = json.loads((run / "export" / "config.json").read_text())["medpretrain"]
     assert meta["model"]["name"] == ("timm:resnet50" if dims == 2 else "monai:resnet10") and meta["encoder"] == "teacher"

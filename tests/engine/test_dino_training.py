@@ -1,6 +1,6 @@
 """DINO through the real trainer: every ZeRO stage in two gloo processes, the fp32 teacher, exact resume.
 
-The teacher is compared as exported (``tools.export.trained_objective``),
+The teacher is compared as exported (``tools.export.source.trained_objective``),
 which rebuilds it from every rank's fp32 EMA state: under ZeRO-3 from shards.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from pretrain.engine.checkpoint import tag_for
 from tests.engine.conftest import config_file, loss_curve, run_ranks, tiny_config, train_args
 from tests.engine.test_resume import _kill_and_resume
-from pretrain.tools.export.encoder import trained_objective
+from pretrain.tools.export.source import trained_objective
 
 pytestmark = pytest.mark.slow  # every test here starts training processes
 

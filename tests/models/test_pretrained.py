@@ -206,8 +206,9 @@ def test_channel_rule_keeps_the_grey_response(tmp_path, chans):
 
 
 def test_own_export_and_checkpoint_round_trip(tmp_path):
-    """(8) Our export folder (as tools/export.py writes it) and a DeepSpeed checkpoint of a run."""
-    from pretrain.tools.export.encoder import CONFIG, WEIGHTS, fp32_state_dict, load_exported_encoder, resolve_checkpoint
+    """(8) Our export folder (as tools/export/encoder.py writes it) and a DeepSpeed checkpoint of a run."""
+    from pretrain.storage.checkpoints import fp32_state_dict, resolve_checkpoint
+    from pretrain.tools.export.encoder import CONFIG, WEIGHTS, load_exported_encoder
 
     torch.manual_seed(5)
     cfg = ViTConfig(preset="nano", img_size=32, patch_size=8, num_register_tokens=2, layer_scale_init=1e-4)
@@ -216,7 +217,7 @@ def test_own_export_and_checkpoint_round_trip(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
     save_file(state, str(export / WEIGHTS))
-    (export / CONFIG).write_text(json.dumps({"model": config_to_dict(cfg)}))
+    (export / CONFIG).write_text(json.dumps({"medpretrain": {"target": "timm", "model": {"name": "vit", **config_to_dict(cfg)}}}))
     load_exported_encoder(export)  # the folder is in the exporter's format (strict load there)
     ours = VisionTransformer(ViTConfig(**config_to_dict(cfg)))
     report = load_pretrained(ours, export)

@@ -104,7 +104,20 @@ def _probe(args: argparse.Namespace, encoder, view, pool: str) -> dict:
 def _export(args: argparse.Namespace) -> int:
     from pretrain.tools.export.encoder import export_encoder
 
-    print(export_encoder(args.source, args.out))
+    print(export_encoder(args.source, args.out, encoder=args.encoder, target=args.target, license=args.license,
+                         base_model=args.base_model, repo_id=args.repo_id))
+    return 0
+
+
+def _export_push(args: argparse.Namespace) -> int:
+    from pretrain.tools.export.push import push
+
+    files = push(args.path, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    for name, size in files:
+        print(f"{size:>14,}  {name}")
+    total = sum(size for _, size in files)
+    where = f"{args.repo_id}@{args.revision or 'main'}"
+    print(f"{total:>14,}  {len(files)} files {'would be uploaded to' if args.dry_run else 'uploaded to'} {where}")
     return 0
 
 
@@ -156,10 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo_data)
 
-    e = sub.add_parser("export", help="export the encoder of a run or checkpoint")
+    e = sub.add_parser("export", help="export an encoder to a hub folder for timm or MONAI (`export push` uploads it)")
     e.add_argument("source", help="run directory or checkpoint folder")
-    e.add_argument("out")
+    e.add_argument("out", help="export folder (replaced once the new export is complete and verified)")
+    e.add_argument("--encoder", help="which encoder of the objective (DINO: teacher | student); default: the headline")
+    e.add_argument("--target", choices=["timm", "monai"], help="default: timm for 2D ViTs and timm: backbones, "
+                   "MONAI for 3D ViTs and monai: backbones")
+    e.add_argument("--license", default="other", help="licence field of the model card (e.g. apache-2.0, cc-by-nc-4.0)")
+    e.add_argument("--base-model", help="hub id of the weights the run continued from (model card metadata)")
+    e.add_argument("--repo-id", help="OWNER/NAME the export will be pushed to (used in the card's snippets)")
     e.set_defaults(func=_export)
+    pu = sub.add_parser("export-push", help=argparse.SUPPRESS)  # reached as `pretrain export push`, see main()
+    pu.prog = "pretrain export push"
+    pu.add_argument("path", help="export folder")
+    pu.add_argument("repo_id", help="OWNER/NAME on the Hugging Face hub (created when missing)")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--revision", help="branch to push to (created when missing); default main")
+    pu.add_argument("--dry-run", action="store_true", help="list every file and its size; upload nothing")
+    pu.set_defaults(func=_export_push)
 
     from pretrain.tools.cli.config_cmd import add_config_parser
 
@@ -175,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MEDPRETRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["export", "push"]:  # a sub-command of export beside export's own positionals
+        argv = ["export-push", *argv[2:]]
     args = build_parser().parse_args(argv)
     if args.command == "eval" and not args.random_init and not args.source:
         print(f"pretrain eval {args.eval_command}: give SOURCE or --random-init CONFIG", file=sys.stderr)
@@ -183,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         from pretrain.config import ConfigError
+        from pretrain.tools.export.encoder import ExportError
+        from pretrain.tools.export.push import PushError
 
-        if isinstance(e, (ConfigError, FileNotFoundError)):
+        if isinstance(e, (ConfigError, FileNotFoundError, ExportError, PushError)):
             print(f"pretrain: error: {e}", file=sys.stderr)
             return 2
         raise

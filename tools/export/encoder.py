@@ -1,47 +1,164 @@
-"""Export a trained encoder: one fp32 safetensors file, its config and a model card.
+"""Export a trained encoder to a hub folder its target library loads without medpretrain.
 
-The weights are consolidated from the DeepSpeed checkpoint (ZeRO 0-3, any
-precision) into fp32, loaded into a freshly built objective (so a mismatch is
-an error here, not in the user's hands), and the headline encoder of the
-objective's ``eval_bundle()`` is written. 2D ViTs keep timm's parameter names.
+One folder per export: ``model.safetensors`` (fp32, in the target library's
+parameter names), ``config.json`` (what the target library reads, plus a
+``medpretrain`` entry with our own model config, so ``pretrain eval`` and
+``init_from`` read the folder back) and ``README.md`` (the model card).
+Targets, one module each: ``timm_target`` (2D ViTs and ``timm:`` backbones)
+and ``monai_target`` (3D ViTs and ``monai:`` backbones).
+
+Before anything is written, the export is loaded by the target library in this
+process (when it is installed) and its features compared with ours on random
+input: a mapping that does not reproduce the encoder is an error here, not in
+the user's hands. Nothing in a folder is a pickle.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.config import config_to_dict, load_config
-from pretrain.storage.checkpoints import COMPLETE, fp32_state_dict, resolve_checkpoint
+from pretrain.config import config_to_dict
+from pretrain.config.typed import build
 from pretrain.models.backbones import ModelConfig, build_backbone
-from pretrain.objectives import build_objective
+from pretrain.storage.checkpoints import resolve_checkpoint
+
+from . import card, monai_target, timm_target
+from .source import ExportError, TrainedEncoder, open_trained_encoder, trained_objective
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CARD = "README.md"
+TARGETS: dict[str, ModuleType] = {"timm": timm_target, "monai": monai_target}
+TOLERANCE = 1e-5  # fp32 features, ours vs the target library's, max abs difference
 
 
-def trained_objective(ckpt: Path):
-    """(objective with the checkpoint's fp32 weights, its RunConfig)."""
-    cfg = load_config(ckpt / "config.yaml")
-    if getattr(cfg.objective, "init_from", ""):
-        # The checkpoint holds every weight: the run's starting weights need not exist here any more.
-        cfg.objective.init_from = ""
-    objective = build_objective(cfg)
-    missing, unexpected = objective.load_state_dict(fp32_state_dict(ckpt), strict=False)
-    # What DeepSpeed does not hold in fp32 (an EMA teacher) comes from the per-rank states.
-    rank_states = [torch.load(f, map_location="cpu", weights_only=False).get("objective", {})
-                   for f in sorted(ckpt.glob("rank*_state.pt"))]
-    restored = objective.restore_from_rank_states(rank_states)
-    missing = [k for k in missing if k not in restored]
-    if missing or unexpected:
-        raise RuntimeError(f"{ckpt}: checkpoint does not match the objective: missing {missing}, unexpected {unexpected}")
-    return objective, cfg
+def default_target(model: ModelConfig) -> str:
+    """timm for 2D ViTs and timm backbones, MONAI for 3D ViTs and MONAI backbones."""
+    kind = model.name.partition(":")[0]
+    return kind if kind in TARGETS else ("timm" if model.spatial_dims == 2 else "monai")
+
+
+def _base_model(init_from: str, given: str | None) -> str | None:
+    """The hub id the run continued from: given, or ``init_from`` when it names one (never a local path)."""
+    if given:
+        return given
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if init_from.startswith(prefix):
+            return init_from[len(prefix):].split("@")[0]
+    return None
+
+
+def export_encoder(source: str | Path, out: str | Path, *, encoder: str | None = None, target: str | None = None,
+                   license: str = "other", base_model: str | None = None, repo_id: str | None = None) -> Path:
+    """Export ``encoder`` (default: the run's headline) of a run or checkpoint to ``out``; returns ``out``.
+
+    ``out`` is replaced whole only once the new export is complete and verified.
+    """
+    item = open_trained_encoder(source, encoder)
+    model = item.cfg.model
+    target = target or default_target(model)
+    if target not in TARGETS:
+        raise ExportError(f"--target {target!r}: one of {', '.join(TARGETS)}")
+    module = TARGETS[target]
+    reason = module.refusal(model)
+    if reason:
+        raise ExportError(f"cannot export to {target}: {reason}")
+    config, weights = module.export(item.encoder, model, license)
+    config["medpretrain"] = _native_meta(item, target, sum(v.numel() for v in item.encoder.state_dict().values()))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt", "step": str(item.step)})
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        files = [WEIGHTS, CONFIG, CARD]
+        snippet = module.snippet(repo_id or "YOUR-ORG/" + out.name, model, config)
+        text = card.model_card(item, item.encoder, library=target, license=license,
+                               base_model=_base_model(getattr(item.cfg.objective, "init_from", ""), base_model),
+                               snippet=snippet, files=files, repo=repo_id)
+        (staging / CARD).write_text(text)
+        verify(staging, item)
+        _publish_modes(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s (%s) -> %s for %s", item.checkpoint, item.name, out, target)
+    return out
+
+
+def _publish_modes(folder: Path) -> None:
+    """mkdtemp makes a private folder; an export is for sharing: the modes a plain mkdir / open would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _native_meta(item: TrainedEncoder, target: str, num_parameters: int) -> dict:
+    return {
+        "target": target, "model": config_to_dict(item.cfg.model), "objective": item.cfg.objective.name,
+        "encoder": item.name, "pool": item.pool, "step": item.step, "num_parameters": num_parameters,
+        "preprocessing": {"intensity": item.cfg.data.intensity, "layout": "channels-first, native dtype -> float32",
+                          "size": list(item.cfg.model.img_size_tuple())},
+    }
+
+
+def verify(folder: Path, item: TrainedEncoder) -> float | None:
+    """Load ``folder`` with the target library and with our loader; ExportError when the features differ.
+
+    Returns the largest difference, or None when the target library is not installed here.
+    """
+    meta = json.loads((folder / CONFIG).read_text())["medpretrain"]
+    module = TARGETS[meta["target"]]
+    ours = item.encoder
+    x = torch.randn(2, ours.in_chans, *item.cfg.model.img_size_tuple(), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.eval()(x)
+        back = load_exported_encoder(folder).eval()(x)
+        try:
+            theirs = module.load(str(folder))
+        except ImportError as err:
+            log.warning("%s is not installed: the export is not checked against it (%s)", meta["target"], err)
+            theirs = None
+        got = None if theirs is None else theirs(x)
+    worst = 0.0
+    for name, value in (("medpretrain's reload", back), (meta["target"], got)):
+        if value is None:
+            continue
+        if value.shape != want.shape:
+            raise ExportError(f"{meta['target']} export: {name} gives features {tuple(value.shape)}, ours {tuple(want.shape)}")
+        diff = (value - want).abs().max().item()
+        if not diff <= TOLERANCE:
+            raise ExportError(f"{meta['target']} export: {name} differs from the trained encoder by {diff:.3g} "
+                              f"(> {TOLERANCE}) on random input")
+        worst = max(worst, diff)
+    return worst if got is not None else None
+
+
+def load_exported_encoder(folder: str | Path) -> torch.nn.Module:
+    """Our encoder rebuilt from an export folder (strict: every key must match)."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG).read_text())
+    meta = config.get("medpretrain")
+    if meta is None:
+        raise ValueError(f"{folder / CONFIG}: not a medpretrain export (no 'medpretrain' entry)")
+    model = build(ModelConfig, meta["model"], "model")
+    encoder = build_backbone(model)
+    encoder.load_state_dict(TARGETS[meta["target"]].to_ours(load_file(str(folder / WEIGHTS)), model), strict=True)
+    return encoder
 
 
 def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str, str]:
@@ -49,94 +166,8 @@ def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str, str]:
     a run directory or a checkpoint."""
     source = Path(source)
     if (source / CONFIG).is_file():
-        meta = json.loads((source / CONFIG).read_text())
-        return (load_exported_encoder(source), meta.get("preprocessing", {}).get("intensity", "zscore"),
-                meta.get("pool", "cls"))
+        meta = json.loads((source / CONFIG).read_text()).get("medpretrain", {})
+        return load_exported_encoder(source), meta.get("preprocessing", {}).get("intensity", "zscore"), meta.get("pool", "cls")
     objective, cfg = trained_objective(resolve_checkpoint(source))
     bundle = objective.eval_bundle()
     return bundle.headline[1], cfg.data.intensity, bundle.pool
-
-
-def export_encoder(source: str | Path, out: str | Path) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``README.md`` for the encoder; returns ``out``."""
-    ckpt = resolve_checkpoint(source)
-    objective, cfg = trained_objective(ckpt)
-    bundle = objective.eval_bundle()
-    name, encoder = bundle.headline
-    encoder_state = {k: v.detach().float().contiguous() for k, v in encoder.state_dict().items()}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    step = int((ckpt / COMPLETE).read_text().strip() or 0)
-    save_file(encoder_state, str(out / WEIGHTS), metadata={"format": "pt", "step": str(step)})
-    meta = {
-        "architecture": f"medpretrain.{cfg.model.name}",
-        "model": config_to_dict(cfg.model),
-        "objective": cfg.objective.name,
-        "encoder": name,
-        "pool": bundle.pool,
-        "preprocessing": {"intensity": cfg.data.intensity, "layout": "channels-first, native dtype -> float32"},
-        "step": step,
-        "source_checkpoint": str(ckpt.resolve()),
-        "num_parameters": sum(v.numel() for v in encoder_state.values()),
-    }
-    if cfg.model.spatial_dims == 2 and cfg.model.name == "vit":
-        meta["timm_kwargs"] = timm_kwargs(meta["model"])
-    (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(meta))
-    log.info("exported %s -> %s", ckpt, out)
-    return out
-
-
-def load_exported_encoder(folder: str | Path) -> torch.nn.Module:
-    """Rebuild the encoder from an export folder (strict: every key must match)."""
-    folder = Path(folder)
-    meta = json.loads((folder / CONFIG).read_text())
-    from pretrain.config.typed import build
-
-    encoder = build_backbone(build(ModelConfig, meta["model"], "model"))
-    encoder.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
-    return encoder
-
-
-def timm_kwargs(model: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of timm's ``VisionTransformer`` that build this 2D encoder (JSON-safe)."""
-    if model["spatial_dims"] != 2:
-        raise ValueError("timm builds 2D ViTs only; 3D encoders export for MONAI")
-    return {
-        "img_size": model["img_size"], "patch_size": model["patch_size"], "in_chans": model["in_chans"],
-        "embed_dim": model["embed_dim"], "depth": model["depth"], "num_heads": model["num_heads"],
-        "mlp_ratio": model["mlp_ratio"], "qkv_bias": model["qkv_bias"], "reg_tokens": model["num_register_tokens"],
-        "init_values": model["layer_scale_init"], "num_classes": 0, "global_pool": "token", "class_token": True,
-    }
-
-
-def load_into_timm(folder: str | Path):
-    """A timm ``VisionTransformer`` holding the exported 2D weights (``strict=True``)."""
-    from timm.layers import SwiGLU
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    folder = Path(folder)
-    meta = json.loads((folder / CONFIG).read_text())
-    kwargs = dict(meta["timm_kwargs"])
-    if meta["model"]["mlp"] == "swiglu":
-        kwargs.update(mlp_layer=SwiGLU, act_layer=torch.nn.SiLU)
-    model = TimmViT(**kwargs)
-    model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
-    return model
-
-
-def _model_card(meta: dict[str, Any]) -> str:
-    m = meta["model"]
-    dims = "3D" if m["spatial_dims"] == 3 else "2D"
-    if m["name"] != "vit":
-        return (f"# medpretrain {dims} `{m['name']}` encoder\n\n"
-                f"Pretrained with `{meta['objective']}` for {meta['step']} steps by medpretrain.\n\n"
-                f"- input: {m['in_chans']} channel(s), {dims}, image size {m['img_size']}\n"
-                f"- parameters {meta['num_parameters']:,}; weights: `{WEIGHTS}` (fp32); full config: `{CONFIG}`\n")
-    return (
-        f"# medpretrain {dims} ViT encoder\n\n"
-        f"Pretrained with `{meta['objective']}` for {meta['step']} steps by medpretrain.\n\n"
-        f"- input: {m['in_chans']} channel(s), {dims}, image size {m['img_size']}, patch {m['patch_size']}\n"
-        f"- width {m['embed_dim']}, depth {m['depth']}, heads {m['num_heads']}, parameters {meta['num_parameters']:,}\n"
-        f"- weights: `{WEIGHTS}` (fp32); full config: `{CONFIG}`\n"
-    )

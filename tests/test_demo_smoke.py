@@ -131,7 +131,8 @@ def test_eval_knn_command_on_export_run_dir_and_random_init(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(export / "model.safetensors"))
     from pretrain.config import config_to_dict
 
-    (export / "config.json").write_text(json.dumps({"model": config_to_dict(cfg.model), "preprocessing": {"intensity": "zscore"}}))
+    meta = {"target": "timm", "model": config_to_dict(cfg.model), "preprocessing": {"intensity": "zscore"}}
+    (export / "config.json").write_text(json.dumps({"medpretrain": meta}))
     assert main(["eval", "knn", str(export), *split_args]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] == random_init["knn_top1"]
 
@@ -170,12 +171,13 @@ def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_pat
             } <= tags, tags
     temps = [e.value for e in events.Scalars("schedule/teacher_temp")]
     assert temps == sorted(temps) and temps[0] >= 0.04
-    # The export is the teacher, and timm loads it strictly.
-    from pretrain.tools.export.encoder import load_into_timm, trained_objective
-
+    # The export is the teacher, and timm loads it from the hub layout (strictly).
+    import timm
     import torch
 
+    from pretrain.tools.export.source import trained_objective
+
     objective, _ = trained_objective(run / "checkpoints" / "step_00000004")
-    model = load_into_timm(run / "export")
+    model = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)
     teacher = objective.teacher.backbone.state_dict()
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])

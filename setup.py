@@ -36,6 +36,10 @@ setup(
         "tifffile>=2024.1.1",
         "pydicom>=3.0,<4",
         "nibabel>=5.0,<6",
+        # text towers for CLIP-style image-report objectives; the demo's WordPiece tokenizer and BERT
+        "transformers>=4.45,<6",
+        "tokenizers>=0.20,<1",
+        "huggingface-hub>=0.24,<3",  # pretrain export push (transformers needs it too)
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],

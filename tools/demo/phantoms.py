@@ -30,6 +30,18 @@ may mix axis 0 with the others, and one axial slice cannot tell them apart (a
 vessel's slice is a nodule's slice): they need the through-plane direction.
 
 With every image comes a label map of the same grid (``LABEL_MAP``), for dense probes.
+
+What a report can say about an image: pass ``facts={}`` to ``phantom`` / ``radiograph`` /
+``ct_volume`` and it is filled with what was drawn (the class, how many lesions were rendered and in
+which lung, the lungs' and lesions' geometry, heart and body size; ``FACT_KEYS``). Filling it draws
+nothing from the random stream: the image and label map are the same bytes with or without it.
+``draw_facts`` draws the summary facts from the same distributions without rendering anything (for
+text corpora that need no images).
+
+Left and right follow the radiological convention: an image is viewed as if facing the patient (a PA
+radiograph; an axial CT slice seen from the feet), so the patient's right lung lies on the image's
+left. The image's left-right axis is its last axis: the lung at low indices along it (columns, in
+2D) is the patient's *right* lung, the one at high indices the *left* lung.
 """
 from __future__ import annotations
 
@@ -44,6 +56,12 @@ LABEL_MAP = ["background", "body", "lung", "heart", "finding"]
 # large enough to span two to four patches of a patch-8 ViT at the demo's 64 px / 32^3.
 LESION_COUNT = {2: (4, 8), 3: (8, 14)}
 LESION_SIZE = {2: (0.2, 0.26), 3: (0.2, 0.28)}
+# The lungs in the order the generator draws them: the first lies at low indices of the last axis,
+# which is the patient's right in the radiological convention (see the module docstring).
+SIDES = ("right", "left")
+# Keys of a filled ``facts`` dict; ``draw_facts`` gives the summary ones (all but "lungs" and "lesions").
+FACT_KEYS = ("dims", "label", "class", "count", "per_lung", "laterality", "heart_ratio", "body_width", "patient_size",
+             "lungs", "lesions")
 
 
 def _coords(shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -114,8 +132,12 @@ def _downsample(x: np.ndarray, f: int) -> np.ndarray:
     return x.reshape(shape).mean(axis=tuple(range(1, 2 * x.ndim, 2)))
 
 
-def phantom(label: int, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 image roughly in [0, 1], uint8 label map) of ``shape`` (2D or 3D) with finding class ``label``."""
+def phantom(label: int, shape: tuple[int, ...], rng: np.random.Generator,
+            facts: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 image roughly in [0, 1], uint8 label map) of ``shape`` (2D or 3D) with finding class ``label``.
+
+    ``facts``, when given, is filled with what the image shows (``FACT_KEYS``; see ``_facts``) without
+    drawing from ``rng``: the image is the same with or without it."""
     if label not in range(4):
         raise ValueError(f"label must be in 0..3, got {label}")
     n = len(shape)
@@ -161,8 +183,10 @@ def phantom(label: int, shape: tuple[int, ...], rng: np.random.Generator) -> tup
     # contrasted on its own; rendered in a window around each lesion (a fraction of the grid).
     spacing = 2.0 / coords[0].shape[0]
     count = rng.integers(*LESION_COUNT[n])
+    rendered = []  # (lung index, centre, size) of each lesion that left a mark
     for _ in range(count):
-        centre, radii = lungs[rng.integers(2)]
+        which = int(rng.integers(2))
+        centre, radii = lungs[which]
         r = rng.uniform(*LESION_SIZE[n]) * size
         for _ in range(100):
             pos = centre + rng.uniform(-1, 1, size=n) * radii
@@ -177,6 +201,9 @@ def phantom(label: int, shape: tuple[int, ...], rng: np.random.Generator) -> tup
         contrast = rng.uniform(0.4, 0.5) * _lesion_volume(0, r, n) / _lesion_volume(label, r, n)  # same integral
         img[window][occupied] += contrast
         labels[window][occupied] = 4
+        rendered.append((which, pos, r))
+    if facts is not None:
+        facts.update(_facts(label, n, lungs, rendered, body_angle, heart_radii[-1] / body_radii[-1], body_radii[-1], size))
 
     img = _downsample(img, f)
     labels = _majority(labels, f, len(LABEL_MAP))
@@ -195,13 +222,55 @@ def _majority(labels: np.ndarray, f: int, k: int) -> np.ndarray:
     return out
 
 
-def radiograph(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A 2D phantom as a 12-bit radiograph in uint16, shape (1, size, size), and its label map."""
-    img, labels = phantom(label, (size, size), rng)
+def _summary(label: int, n: int, per_lung: list[int], heart_ratio: float, body_width: float, size: float) -> dict:
+    count = sum(per_lung)
+    laterality = "none" if count == 0 else "both" if min(per_lung) > 0 else SIDES[0] if per_lung[0] else SIDES[1]
+    return {"dims": n, "label": int(label), "class": (CLASSES_2D if n == 2 else CLASSES_3D)[label], "count": count,
+            "per_lung": dict(zip(SIDES, per_lung)), "laterality": laterality, "heart_ratio": float(heart_ratio),
+            "body_width": float(body_width), "patient_size": float(size)}
+
+
+def _facts(label, n, lungs, rendered, angle, heart_ratio, body_half_width, size) -> dict:
+    """The facts of one phantom. Summary: ``dims``, ``label``, ``class`` (its name), ``count`` (lesions
+    rendered: those that left at least one finding voxel), ``per_lung`` (``{"right": k, "left": m}``),
+    ``laterality`` ("right", "left", "both"; "none" without lesions), ``heart_ratio`` (heart width over
+    body width, the cardiothoracic ratio: 0.25 to 0.35, always normal), ``body_width`` (body width over
+    the field of view's) and ``patient_size`` (the overall scale, 0.88 to 1). Geometry, in the grid's
+    [-1, 1] coordinates (pixel centres, spatial axes in stored order): ``lungs`` ({side: {"centre",
+    "radii", "angle"}}: the lung's ellipse before it is clipped to the body, its radii along the axes
+    turned by ``angle`` in the last two axes) and ``lesions`` (one {"lung", "centre", "size"} per
+    rendered lesion, in drawing order)."""
+    per_lung = [sum(1 for which, _, _ in rendered if which == k) for k in range(2)]
+    out = _summary(label, n, per_lung, heart_ratio, body_half_width, size)
+    out["lungs"] = {side: {"centre": [float(v) for v in c], "radii": [float(v) for v in r], "angle": float(angle)}
+                    for side, (c, r) in zip(SIDES, lungs)}
+    out["lesions"] = [{"lung": SIDES[which], "centre": [float(v) for v in pos], "size": float(r)}
+                      for which, pos, r in rendered]
+    return out
+
+
+def draw_facts(label: int, dims: int, rng: np.random.Generator) -> dict:
+    """Summary facts (``FACT_KEYS`` but "lungs" and "lesions") of a phantom of class ``label`` drawn from the
+    generator's distributions, without rendering an image: for report corpora that need no pixels. They
+    belong to no particular image (a different random stream from ``phantom``'s); every drawn lesion
+    counts as rendered, which the generator's almost always are."""
+    if label not in range(4) or dims not in (2, 3):
+        raise ValueError(f"label must be in 0..3 and dims 2 or 3, got {label}, {dims}")
+    size = rng.uniform(0.88, 1.0)
+    body_half_width = size * rng.uniform(0.72, 0.9)
+    sides = rng.integers(2, size=int(rng.integers(*LESION_COUNT[dims])))
+    per_lung = [int((sides == k).sum()) for k in range(2)]
+    return _summary(label, dims, per_lung, rng.uniform(0.25, 0.35), body_half_width, size)
+
+
+def radiograph(label: int, size: int, rng: np.random.Generator, facts: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A 2D phantom as a 12-bit radiograph in uint16, shape (1, size, size), and its label map; ``facts`` as in ``phantom``."""
+    img, labels = phantom(label, (size, size), rng, facts)
     return np.clip(img * 4095.0, 0, 4095).astype(np.uint16)[None], labels[None]
 
 
-def ct_volume(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A 3D phantom in Hounsfield-like int16, shape (1, size, size, size): air -1000, soft tissue ~0..+100; and its label map."""
-    vol, labels = phantom(label, (size, size, size), rng)
+def ct_volume(label: int, size: int, rng: np.random.Generator, facts: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D phantom in Hounsfield-like int16, shape (1, size, size, size): air -1000, soft tissue ~0..+100; and its
+    label map; ``facts`` as in ``phantom``."""
+    vol, labels = phantom(label, (size, size, size), rng, facts)
     return np.clip(vol * 1500.0 - 1000.0, -1024, 3071).astype(np.int16)[None], labels[None]

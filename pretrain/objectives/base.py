@@ -27,7 +27,7 @@ about any single method; it only calls what this file declares:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -74,13 +74,18 @@ class EvalBundle:
 
     ``encoders`` maps a name to an image encoder; the first is the run's headline
     (DINO: teacher, then student). ``pool`` is the token pooling the method's
-    features are meant to be read with. Image-text methods add their text side.
+    features are meant to be read with. Image-text methods add their text side:
+    the text tower and tokenizer (for export), and the shared embedding space
+    (for zero-shot classification and retrieval).
     """
 
     encoders: dict[str, Encoder]
     pool: str = "cls"
     text_encoder: nn.Module | None = None
     tokenizer: Any = None
+    embed_image: Callable[[torch.Tensor], torch.Tensor] | None = None  # views (B, C, ...) -> (B, E), L2-normalised
+    embed_text: Callable[[list[str]], torch.Tensor] | None = None  # texts -> (B, E), L2-normalised
+    class_prompts: Callable[[list[str]], dict[str, list[str]]] | None = None  # class names -> zero-shot prompts
 
     @property
     def headline(self) -> tuple[str, Encoder]:

@@ -28,7 +28,8 @@ def _samples(n: int, shape: tuple[int, ...]) -> list[dict]:
 def _counted_per_sample(objective, shape: tuple[int, ...]) -> float:
     objective.set_schedules(0, {name: schedule(0, 100) for name, schedule in objective.schedules().items()})
     recipe = objective.data_recipe()
-    batch = recipe.collate([recipe.transform(s) for s in _samples(BATCH, shape)])
+    samples = [dict(s, text="Multiple solid nodules in both lungs. No effusion.", meta={}) for s in _samples(BATCH, shape)]
+    batch = recipe.collate([recipe.transform(s) for s in samples])
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         objective(batch)["loss"].backward()
     return counter.get_total_flops() / BATCH
@@ -63,9 +64,36 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_flops_per_sample_equals_the_flop_counter(case):
-    make_cfg, shape = CASES[case]
+def _clip(text_model, *overrides: str):
+    return load_config(None, ["objective.name=clip", f"objective.text_model={text_model}", "model.in_chans=1",
+                              f"data.batch_size={BATCH}", "objective.embed_dim=32", "objective.max_tokens=16",
+                              "model.preset=nano", "model.img_size=32", "model.patch_size=8", *overrides])
+
+
+CLIP_CASES = {
+    "clip_vit_infonce_flip": ((1, 32, 32), "objective.mask_ratio=0.5"),
+    "clip_vit_siglip_locked_image": ((1, 32, 32), "objective.loss=siglip", "objective.lock_image=true"),
+    "clip_frozen_text_mlp": ((1, 32, 32), "objective.freeze_text=true", "objective.projection=mlp"),
+    "clip_vit_3d_mean": ((1, 32, 32, 32), "model.spatial_dims=3", "objective.image_pool=cls+mean"),
+    "clip_monai_resnet10": ((1, 32, 32, 32), "model.name=monai:resnet10", "model.spatial_dims=3"),
+}
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> str:
+    from pretrain.tools.demo.text_tower import build_text_tower
+
+    corpus = ["Multiple solid nodules in both lungs.", "No effusion.", "Thin-walled cysts."] * 5
+    return str(build_text_tower(tmp_path_factory.mktemp("text") / "tower", corpus))
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(CLIP_CASES))
+def test_flops_per_sample_equals_the_flop_counter(case, request):
+    if case in CLIP_CASES:
+        shape, *overrides = CLIP_CASES[case]
+        make_cfg = lambda: _clip(request.getfixturevalue("text_model"), *overrides)  # noqa: E731
+    else:
+        make_cfg, shape = CASES[case]
     torch.manual_seed(0)
     objective = build_objective(make_cfg())
     counted = _counted_per_sample(objective, shape)

@@ -168,7 +168,18 @@ class Trainer:
             return None
         bundle = self.objective.eval_bundle()
         pool = self.cfg.eval.pool or bundle.pool
-        return {name: evaluate_encoder(enc, data, pool) for name, enc in bundle.encoders.items()}
+        results = {name: evaluate_encoder(enc, data, pool) for name, enc in bundle.encoders.items()}
+        next(iter(results.values())).update(self._image_text_eval(bundle, data))
+        return results
+
+    def _image_text_eval(self, bundle, data: FrozenEvalData) -> dict[str, Any]:
+        """Zero-shot accuracy and Recall@K on the held-out set, for objectives with a shared embedding space."""
+        if bundle.embed_image is None:
+            return {}
+        from pretrain.eval.image_text import evaluate_image_text
+
+        return evaluate_image_text(bundle, data.val, data.view, batch_size=data.batch_size, device=data.device,
+                                   dtype=data.dtype)
 
     def evaluate_baselines(self, monitor: Monitor) -> None:
         """Before the first step: the random-init encoder and raw pixels (on the encoder's output grid), kept
@@ -178,6 +189,7 @@ class Trainer:
             return
         bundle = self.objective.eval_bundle()
         baselines = evaluate_baselines(bundle.headline[1], data, self.cfg.eval.pool or bundle.pool, self.cfg.eval.baselines)
+        baselines["random_init"].update(self._image_text_eval(bundle, data))
         self.history["knn_init"] = baselines["random_init"]["knn"]
         self.history["eval_baselines"] = baselines
         for name, result in baselines.items():
@@ -397,7 +409,12 @@ def _eval_scalars(name: str, result: dict[str, Any]) -> dict[str, float]:
 
 def _describe(result: dict[str, Any]) -> str:
     knn = ", ".join(f"{k[4:] or 'pool'} {v:.3f}" for k, v in result.items() if k.startswith("knn_"))
-    return f"kNN {knn or format(result['knn'], '.3f')} | linear {result['linear']:.3f} ({result['linear_features']})"
+    text = f"kNN {knn or format(result['knn'], '.3f')} | linear {result['linear']:.3f} ({result['linear_features']})"
+    if "zeroshot" in result:
+        text += f" | zero-shot {result['zeroshot']:.3f}"
+    if "i2t_r5" in result:
+        text += f" | R@5 i2t {result['i2t_r5']:.3f} t2i {result['t2i_r5']:.3f} ({result['retrieval_pairs']} pairs)"
+    return text
 
 
 def _eval_summary(final: dict[str, dict[str, Any]] | None, baselines: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

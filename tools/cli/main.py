@@ -39,6 +39,12 @@ def _print_summary(summary: dict) -> None:
         if gain:
             print(f"gain          : linear {100 * gain['linear']:+.1f} points, kNN {100 * gain['knn']:+.1f} points "
                   "over the better baseline")
+        for name, r in rows:
+            if "zeroshot" in r:
+                chance = 5 / r["retrieval_pairs"] if r.get("retrieval_pairs") else None
+                recall = (f", R@5 image->text {pct(r['i2t_r5'])} text->image {pct(r['t2i_r5'])} "
+                          f"(chance {pct(chance)})" if chance else "")
+                print(f"image-text    : {name:12}zero-shot {pct(r['zeroshot'])}{recall}")
     else:
         print(f"kNN top-1     : random init {pct(summary['knn_init'])}  ->  pretrained {pct(summary['knn_final'])}")
     print(f"tensorboard   : tensorboard --logdir {summary['tensorboard']}")
@@ -101,6 +107,41 @@ def _probe(args: argparse.Namespace, encoder, view, pool: str) -> dict:
     return result
 
 
+def _eval_image_text(args: argparse.Namespace) -> int:
+    """Zero-shot classification or image–text retrieval of an image–text run (CLIP) on labelled shards."""
+    import torch
+
+    from pretrain.config import ConfigError, load_config
+    from pretrain.data.transforms import eval_view
+    from pretrain.eval.image_text import evaluate_image_text
+    from pretrain.objectives import build_objective
+    from pretrain.storage.checkpoints import resolve_checkpoint
+    from pretrain.tools.export.source import trained_objective
+
+    if args.random_init:
+        overrides = ([args.source] if args.source else []) + list(args.overrides)
+        cfg = load_config(args.random_init, overrides)
+        torch.manual_seed(cfg.train.seed)
+        objective = build_objective(cfg)
+    else:
+        objective, cfg = trained_objective(resolve_checkpoint(args.source))
+    bundle = objective.eval_bundle()
+    if bundle.embed_image is None:
+        raise ConfigError(f"pretrain eval {args.eval_command}: the {cfg.objective.name} objective has no "
+                          "image-text embedding space (a CLIP run has)")
+    size, chans = cfg.model.img_size_tuple(), cfg.model.in_chans
+
+    def view(sample):
+        return eval_view(sample["image"], size, chans, cfg.data.intensity, key=sample["__key__"])
+
+    result = evaluate_image_text(bundle, args.val, view, batch_size=args.batch_size, device=torch.device("cpu"))
+    wanted = ("zeroshot",) if args.eval_command == "zeroshot" else ("i2t_", "t2i_", "retrieval_pairs")
+    if args.eval_command == "retrieval" and "retrieval_pairs" not in result:
+        raise ConfigError(f"pretrain eval retrieval: no sample of {args.val!r} carries a report (.txt)")
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(wanted)}, indent=2))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from pretrain.tools.export.encoder import export_encoder
 
@@ -158,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
     pr.set_defaults(func=_eval_knn)
+    for name, what in (("zeroshot", "zero-shot accuracy from class prompts"),
+                       ("retrieval", "image->text and text->image Recall@1/5/10 on image-report pairs")):
+        it = ev.add_parser(name, help=f"{what} of an image-text (CLIP) run on labelled shards")
+        it.add_argument("source", nargs="?", help="run directory or checkpoint folder of a CLIP run")
+        it.add_argument("--random-init", metavar="CONFIG", help="evaluate a random-init model built from CONFIG")
+        it.add_argument("overrides", nargs="*", help="config overrides with --random-init")
+        it.add_argument("--val", required=True, help="labelled shards (with reports for retrieval)")
+        it.add_argument("--batch-size", type=int, default=64)
+        it.set_defaults(func=_eval_image_text)
 
     from pretrain.tools.ingest.cli import add_medical_parser, add_shards_parser
 

@@ -40,9 +40,10 @@ def clip_yaml(tmp_path_factory, demo_shards: Path, text_tower: Path) -> Path:
     return config_file(tmp_path_factory, "clip_tiny", cfg)
 
 
-@pytest.mark.parametrize("loss", ["infonce", "siglip"])
-def test_two_ranks_give_the_curve_of_one_rank_with_the_accumulation_cache(clip_yaml, tmp_path, loss):
-    common = [f"train.steps={STEPS}", f"objective.loss={loss}"]
+def test_two_ranks_give_the_curve_of_one_rank_with_the_accumulation_cache(clip_yaml, tmp_path):
+    # SigLIP: its chunked gather and its scalar gradients are the more delicate of the two losses
+    # (both are checked in two processes against one in tests/losses/test_contrastive_losses.py)
+    common = [f"train.steps={STEPS}", "objective.loss=siglip"]
     ranks, accum = tmp_path / "ranks", tmp_path / "accum"
     run_ranks(train_args(clip_yaml, ranks, *common, "train.zero_stage=2", "data.num_workers=1"), 2, tmp_path).assert_clean()
     run_ranks(train_args(clip_yaml, accum, *common, "train.grad_accum=2", "data.num_workers=2"), 1, tmp_path).assert_clean()

@@ -106,6 +106,17 @@ def random_flip(x: torch.Tensor, rng: np.random.Generator, axes: Sequence[int], 
     return torch.flip(x, dims=flip) if flip else x
 
 
+def augmented_view(sample: dict, rng: np.random.Generator, size: Sequence[int], channels: int, intensity: str,
+                   crop_scale: tuple[float, float], flip_axes: Sequence[int]) -> torch.Tensor:
+    """A training view of one sample: normalised, channels matched, random resized crop to ``size``, then
+    random flips along ``flip_axes`` (negative axes count from the last spatial axis)."""
+    key = sample["__key__"]
+    x = match_channels(to_tensor(sample["image"], intensity), channels, key)
+    check_spatial_dims(x, len(size), key)
+    x, _ = random_resized_crop(x, size, rng, scale=tuple(crop_scale))
+    return random_flip(x, rng, [a % len(size) for a in flip_axes])
+
+
 def eval_view(image: np.ndarray, size: Sequence[int], channels: int, intensity: str, key: str = "?") -> torch.Tensor:
     """Deterministic view for evaluation: the whole image resized to the model's size."""
     x = match_channels(to_tensor(image, intensity), channels, key)

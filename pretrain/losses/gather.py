@@ -68,3 +68,14 @@ def gather_with_grad(x: Tensor, group: Any = None) -> Tensor:
     if not (x.is_floating_point() or x.is_complex()):
         return _all_gather_cat(x, group, world_size)
     return _GatherWithGrad.apply(x, group, rank, world_size)
+
+
+def check_pairs(loss: str, image: Tensor, text: Tensor, image_ids: Tensor, text_ids: Tensor) -> None:
+    """The contrastive losses' inputs: image and text features of one shape (B, D), ids of shape (B,)."""
+    if image.ndim != 2 or image.shape != text.shape:
+        raise ValueError(f"{loss} expects image and text features of one shape (B, D), "
+                         f"got {tuple(image.shape)} and {tuple(text.shape)}")
+    batch = image.shape[0]
+    if image_ids.shape != (batch,) or text_ids.shape != (batch,):
+        raise ValueError(f"{loss} expects ids of shape ({batch},), "
+                         f"got {tuple(image_ids.shape)} and {tuple(text_ids.shape)}")

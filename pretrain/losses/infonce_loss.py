@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pretrain.losses.gather import gather_with_grad
+from pretrain.losses.gather import check_pairs, gather_with_grad
 
 
 def _soft_target_cross_entropy(logits_BG: Tensor, positive_BG: Tensor, direction: str) -> Tensor:
@@ -63,13 +63,7 @@ def infonce_loss(image: Tensor, text: Tensor, logit_scale: Tensor, image_ids: Te
     that of its own rows, and the average over ranks is again exact. With one
     process it is the ordinary CLIP loss.
     """
-    if image.ndim != 2 or image.shape != text.shape:
-        raise ValueError(f"infonce_loss expects image and text features of one shape (B, D), "
-                         f"got {tuple(image.shape)} and {tuple(text.shape)}")
-    batch = image.shape[0]
-    if image_ids.shape != (batch,) or text_ids.shape != (batch,):
-        raise ValueError(f"infonce_loss expects ids of shape ({batch},), "
-                         f"got {tuple(image_ids.shape)} and {tuple(text_ids.shape)}")
+    check_pairs("infonce_loss", image, text, image_ids, text_ids)
     dtype = torch.promote_types(image.dtype, torch.float32)
     with torch.autocast(device_type=image.device.type, enabled=False):
         image_BD, text_BD, scale = image.to(dtype), text.to(dtype), logit_scale.to(dtype)

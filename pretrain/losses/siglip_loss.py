@@ -17,17 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.losses.gather import gather_with_grad, world_info
-
-
-def _check(image: Tensor, text: Tensor, image_ids: Tensor, text_ids: Tensor) -> None:
-    if image.ndim != 2 or image.shape != text.shape:
-        raise ValueError(f"siglip_loss expects image and text features of one shape (B, D), "
-                         f"got {tuple(image.shape)} and {tuple(text.shape)}")
-    batch = image.shape[0]
-    if image_ids.shape != (batch,) or text_ids.shape != (batch,):
-        raise ValueError(f"siglip_loss expects ids of shape ({batch},), "
-                         f"got {tuple(image_ids.shape)} and {tuple(text_ids.shape)}")
+from pretrain.losses.gather import check_pairs, gather_with_grad, world_info
 
 
 def _pair_log_sigmoid_sum(image_BD: Tensor, text_CD: Tensor, scale: Tensor, bias: Tensor,
@@ -57,7 +47,7 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Te
     ones are this rank's share; the data-parallel average over ranks makes both
     exact. Computed in float32 at least (float64 stays float64), autocast off.
     """
-    _check(image, text, image_ids, text_ids)
+    check_pairs("siglip_loss", image, text, image_ids, text_ids)
     batch = image.shape[0]
     _, world_size = world_info(group)
     dtype = torch.promote_types(image.dtype, torch.float32)
@@ -75,7 +65,7 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Te
 def siglip_loss_dense(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Tensor, image_ids: Tensor,
                       text_ids: Tensor) -> Tensor:
     """L on one process with the full (B, B) logit matrix: the reference for :func:`siglip_loss`."""
-    _check(image, text, image_ids, text_ids)
+    check_pairs("siglip_loss_dense", image, text, image_ids, text_ids)
     dtype = torch.promote_types(image.dtype, torch.float32)
     with torch.autocast(device_type=image.device.type, enabled=False):
         logits_BB = logit_scale.to(dtype) * (image.to(dtype) @ text.to(dtype).t()) + logit_bias.to(dtype)

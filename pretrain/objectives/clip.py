@@ -36,7 +36,7 @@ from torch import nn
 
 from pretrain.config.registry import register_objective
 from pretrain.config.typed import ConfigError
-from pretrain.data.transforms import check_spatial_dims, match_channels, random_flip, random_resized_crop, sample_rng, to_tensor
+from pretrain.data.transforms import augmented_view, sample_rng
 from pretrain.losses.infonce_loss import infonce_loss
 from pretrain.losses.siglip_loss import siglip_loss
 from pretrain.models.backbones import build_backbone
@@ -142,12 +142,9 @@ class CLIPRecipe(DataRecipe):
         return template.format(name), pair_id(f"class:{name}")
 
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
-        key = sample["__key__"]
         rng = sample_rng(sample)
-        x = match_channels(to_tensor(sample["image"], self.intensity), self.in_chans, key)
-        check_spatial_dims(x, len(self.img_size), key)
-        x, _ = random_resized_crop(x, self.img_size, rng, scale=tuple(self.cfg.crop_scale))
-        x = random_flip(x, rng, [a % len(self.img_size) for a in self.cfg.flip_axes])
+        x = augmented_view(sample, rng, self.img_size, self.in_chans, self.intensity, self.cfg.crop_scale,
+                           self.cfg.flip_axes)
         text, pid = self.caption(sample, rng)
         tokens = self.tokenize([text])
         out = {"image": x.contiguous(), "input_ids": tokens["input_ids"][0], "attention_mask": tokens["attention_mask"][0],

@@ -19,7 +19,7 @@ from torch import nn
 
 from pretrain.config.registry import register_objective
 from pretrain.config.typed import ConfigError
-from pretrain.data.transforms import check_spatial_dims, match_channels, random_flip, random_resized_crop, sample_rng, to_tensor
+from pretrain.data.transforms import augmented_view, sample_rng
 from pretrain.models.blocks import Block
 from pretrain.models.pos_embed import sincos_pos_embed
 from pretrain.models.vit import VisionTransformer
@@ -78,12 +78,9 @@ class MAERecipe(DataRecipe):
         self.intensity, self.num_patches = intensity, num_patches
 
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
-        key = sample["__key__"]
         rng = sample_rng(sample)
-        x = match_channels(to_tensor(sample["image"], self.intensity), self.in_chans, key)
-        check_spatial_dims(x, len(self.img_size), key)
-        x, _ = random_resized_crop(x, self.img_size, rng, scale=tuple(self.cfg.crop_scale))
-        x = random_flip(x, rng, [a % len(self.img_size) for a in self.cfg.flip_axes])
+        x = augmented_view(sample, rng, self.img_size, self.in_chans, self.intensity, self.cfg.crop_scale,
+                           self.cfg.flip_axes)
         noise = torch.from_numpy(rng.random(self.num_patches, dtype="float32"))
         return {"image": x.contiguous(), "mask_noise": noise}
 

@@ -14,13 +14,31 @@ from pretrain.config.typed import ConfigError, build
 BASE_KEY = "base"  # a YAML file may start from another: `base: ../demo.yaml` (relative to itself)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} is given twice (lines {seen[key].start_mark.line + 1} "
+                                        f"and {key_node.start_mark.line + 1})")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The YAML mapping at ``path`` with its ``base`` chain merged underneath."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:

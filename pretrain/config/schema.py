@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pretrain.config.registry import objective_entry
-from pretrain.config.typed import RESOLVE, ConfigError
+from pretrain.config.typed import RESOLVE, ConfigError, check_range
 from pretrain.models.backbones import ModelConfig
 
 
@@ -21,6 +21,10 @@ class SourceConfig:
     weight: float = 1.0  # relative sampling weight in the mixture (>= 0; normalised over the sources)
     name: str = ""  # label in logs and in each sample's __source__; "" gives source<index>
 
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+
 
 @dataclass
 class DataConfig:
@@ -30,6 +34,13 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer; 0 or 1: no sample-level shuffling
     resample: bool = False  # draw shards with replacement instead of shuffled passes (epochs) over them
     intensity: Literal["zscore", "range", "none"] = "zscore"  # per-image intensity normalisation
+
+    def __post_init__(self) -> None:
+        check_range("data.batch_size", self.batch_size, 1)
+        check_range("data.num_workers", self.num_workers, 0)
+        check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
+        if self.train and not sum(s.weight for s in self.train) > 0:
+            raise ConfigError("config key 'data.train': the mixture weights sum to 0; give one source a weight > 0")
 
 
 @dataclass
@@ -43,6 +54,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2) decay rates of the moment estimates
     eps: float = 1e-8  # AdamW epsilon added to the denominator
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip"):
+            check_range(f"optim.{name}", getattr(self, name), 0)
+        if self.weight_decay_end is not None:
+            check_range("optim.weight_decay_end", self.weight_decay_end, 0)
+        check_range("optim.eps", self.eps, 0, low_open=True)
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass

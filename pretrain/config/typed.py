@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Callable, Literal, Union, get_args, get_origin
@@ -117,19 +118,41 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(number):  # an inf lr or a NaN weight decay only shows up as NaN weights later
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
     raise ConfigError(f"config key '{key}': unsupported schema type {tp!r}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False) -> None:
+    """ConfigError naming ``key`` unless low <= value <= high (low < value with ``low_open``)."""
+    ok = (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:
+        bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
+            ([f"<= {high}"] if high is not None else [])
+        raise ConfigError(f"config key '{key}' must be {' and '.join(bounds)}, got {value}")
+
+
+def check_fraction_pair(key: str, pair: tuple[float, float]) -> None:
+    """A (low, high) range of fractions, e.g. a crop's kept area: 0 < low <= high <= 1."""
+    low, high = pair
+    if not 0.0 < low <= high <= 1.0:
+        raise ConfigError(f"config key '{key}' must satisfy 0 < low <= high <= 1, got {list(pair)}")
 
 
 def _join(prefix: str, key: str) -> str:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config.registry import register_objective
-from pretrain.config.typed import ConfigError
+from pretrain.config.typed import ConfigError, check_fraction_pair
 from pretrain.data.transforms import augmented_view, sample_rng
 from pretrain.losses.infonce_loss import infonce_loss
 from pretrain.losses.siglip_loss import siglip_loss
@@ -85,6 +85,7 @@ class Config:
             raise ConfigError(f"config key 'objective.init_temperature' must be in (0, 1], got {self.init_temperature}")
         if self.max_tokens < 2:
             raise ConfigError(f"config key 'objective.max_tokens' must be >= 2, got {self.max_tokens}")
+        check_fraction_pair("objective.crop_scale", self.crop_scale)
         for t in self.prompt_templates:
             if t.count("{}") != 1:
                 raise ConfigError(f"config key 'objective.prompt_templates': {t!r} needs exactly one '{{}}' "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pretrain.config.registry import register_objective
-from pretrain.config.typed import ConfigError
+from pretrain.config.typed import ConfigError, check_fraction_pair
 from pretrain.data.transforms import augmented_view, sample_rng
 from pretrain.models.blocks import Block
 from pretrain.models.pos_embed import sincos_pos_embed
@@ -45,6 +45,7 @@ class Config:
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"objective.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        check_fraction_pair("objective.crop_scale", self.crop_scale)
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:

@@ -124,3 +124,34 @@ def test_choice_keys_fail_at_load_time_with_the_choices():
         load_config(None, ["model.name=resnet50"])
     with pytest.raises(ConfigError, match="unknown config key 'model.attn_backend'"):
         load_config(None, ["model.attn_backend=torch"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.inf", r"'optim\.lr' must be a finite number, got inf"),
+    ("optim.weight_decay=.nan", r"'optim\.weight_decay' must be a finite number"),
+    ("objective.mask_ratio=-.inf", r"'objective\.mask_ratio' must be a finite number"),
+    ("data.batch_size=-4", r"'data\.batch_size' must be >= 1, got -4"),
+    ("data.num_workers=-1", r"'data\.num_workers' must be >= 0, got -1"),
+    ("data.shuffle_buffer=-5", r"'data\.shuffle_buffer' must be >= 0"),
+    ("optim.lr=-1e-3", r"'optim\.lr' must be >= 0"),
+    ("optim.eps=0", r"'optim\.eps' must be > 0"),
+    ("optim.betas=[0.9,1.0]", r"'optim\.betas' must be two numbers in \[0, 1\)"),
+    ("objective.crop_scale=[-1,0]", r"'objective\.crop_scale' must satisfy 0 < low <= high <= 1, got \[-1\.0, 0\.0\]"),
+    ("objective.crop_scale=[0.9,0.5]", r"'objective\.crop_scale' must satisfy"),
+    ("data.train=[{shards: a, weight: -1}]", r"'data\.train\[0\]': weight must be >= 0"),
+    ("data.train=[{shards: a, weight: 0}, {shards: b, weight: 0}]", r"'data\.train': the mixture weights sum to 0"),
+])
+def test_impossible_and_non_finite_values_are_errors_naming_the_key(override, message):
+    """Accepted before, these trained to NaN weights and exited 0, or died in DeepSpeed or a crop."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/demo.yaml", [override])
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: not valid YAML: key 'lr' is given twice \(lines 2 and 3\)"):
+        load_config(path)
+    path.write_text("optim:\n  lr: 1.0e-3\ndata:\n  lr: 2.0e-3\n")  # one key per mapping: not a duplicate
+    with pytest.raises(ConfigError, match=r"'data\.lr'"):  # (unknown there, but read)
+        load_config(path)

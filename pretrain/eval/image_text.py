@@ -9,14 +9,12 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from pretrain.eval.knn import extract_features, iter_labelled_samples
+from pretrain.eval.knn import iter_labelled_samples, labelled_features, map_over_ranks, split_order
 
 RECALL_AT = (1, 5, 10)
 
@@ -49,53 +47,28 @@ def recall_at_k(image_NE: torch.Tensor, text_NE: torch.Tensor, ks: Sequence[int]
     return out
 
 
-@torch.no_grad()
-def _embed_split(embed: Callable[[list[str]], torch.Tensor], items: list[str], batch_size: int) -> torch.Tensor:
-    """Embeddings of ``items`` in :func:`extract_features`'s order (rank r takes items[r::world], gathered in
-    rank order); every rank makes the same number of calls (ZeRO-3 gathers parameters collectively)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mine = items[rank::world]
-    calls = math.ceil(math.ceil(len(items) / world) / batch_size)
-    out = []
-    for i in range(calls):
-        chunk = mine[i * batch_size: (i + 1) * batch_size]
-        got = embed(chunk or items[:1]).float().cpu()
-        if chunk:
-            out.append(got)
-    mine_emb = torch.cat(out) if out else torch.zeros(0, 0)
-    if world == 1:
-        return mine_emb
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine_emb)
-    return torch.cat([g for g in gathered if g.numel()])
-
-
 def evaluate_image_text(bundle, spec: str | list[str], view: Callable[[dict], torch.Tensor], *, batch_size: int,
                         device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Zero-shot accuracy on the labelled set ``spec`` and, where its samples carry reports, Recall@K."""
     samples = list(iter_labelled_samples(spec))
+    if not samples:
+        raise ValueError(f"no samples in {spec!r}")
     names: dict[int, str] = {}
     for s in samples:
         names.setdefault(int(s["label"]), (s["meta"] or {}).get("label_name") or str(s["label"]))
     classes = [names[c] for c in sorted(names)]
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"{spec!r}: zero-shot needs labels 0..C-1, got {sorted(names)}")
-    feats, labels = extract_features(lambda x: {"emb": bundle.embed_image(x)}, spec, view, batch_size=batch_size,
-                                     device=device, dtype=dtype)
-    images = feats["emb"]  # rows in _split_order(len(samples))
+    feats, labels = labelled_features(lambda x: {"emb": bundle.embed_image(x)}, samples, view,
+                                      batch_size=batch_size, device=device, dtype=dtype)
+    images = feats["emb"]  # rows in split_order(len(samples))
     result = zero_shot_scores(images, class_embeddings(bundle.embed_text, bundle.class_prompts(classes)), labels)
     reported = [i for i, s in enumerate(samples) if (s["text"] or "").strip()]
     if reported:
-        reports = _embed_split(bundle.embed_text, [samples[i]["text"].strip() for i in reported], batch_size)
-        image_row = {sample: row for row, sample in enumerate(_split_order(len(samples)))}
-        paired = [image_row[reported[j]] for j in _split_order(len(reported))]
+        reports = map_over_ranks([samples[i]["text"].strip() for i in reported], batch_size,
+                                 lambda texts: {"emb": bundle.embed_text(texts).float()})["emb"]
+        image_row = {sample: row for row, sample in enumerate(split_order(len(samples)))}
+        paired = [image_row[reported[j]] for j in split_order(len(reported))]
         result.update(recall_at_k(images[paired], reports))
         result["retrieval_pairs"] = len(reported)
     return result
-
-
-def _split_order(n: int) -> list[int]:
-    """The order in which rank-split, gathered results come back: rank 0's items[0::world], then rank 1's, ..."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return [i for r in range(world) for i in range(r, n, world)]

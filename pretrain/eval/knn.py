@@ -34,6 +34,43 @@ Featurize = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
+def map_over_ranks(items: list, batch_size: int, run: Callable[[list], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``run`` over ``items`` in batches, the work shared by the ranks; every rank gets all results.
+
+    Rank r takes ``items[r::world]``; results come back concatenated in rank
+    order (rank 0's items, then rank 1's, ...: :func:`split_order`). Every rank
+    makes the same number of calls (ZeRO-3 gathers parameters collectively),
+    repeating a batch where it has fewer and dropping what that returns.
+    """
+    if not items:
+        raise ValueError("nothing to evaluate: no items")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = items[rank::world]
+    calls = math.ceil(math.ceil(len(items) / world) / batch_size)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(calls):
+        chunk = mine[i * batch_size : (i + 1) * batch_size]
+        named = run(chunk or mine[-1:] or items[:1])
+        if chunk:
+            for name, t in named.items():
+                parts.setdefault(name, []).append(t.cpu())
+    out = {name: torch.cat(ts) for name, ts in parts.items()}
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, out)
+        names = next(g for g in gathered if g).keys()
+        out = {n: torch.cat([g[n] for g in gathered if g]) for n in names}
+    return out
+
+
+def split_order(n: int) -> list[int]:
+    """The item index of each row :func:`map_over_ranks` returns."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return [i for r in range(world) for i in range(r, n, world)]
+
+
+@torch.no_grad()
 def extract_features(
     featurize: Featurize,
     spec: str | list[str],
@@ -46,39 +83,28 @@ def extract_features(
     """({name: features N x F float32}, labels N) on every rank; ranks share the forward work.
 
     ``featurize`` maps a batch of views to named feature sets (e.g. class token
-    and mean patch token from one forward). Every rank runs the same number of
-    calls (ZeRO-3 gathers parameters collectively), padding with a repeat of
-    its last batch where it has fewer.
+    and mean patch token from one forward); see :func:`map_over_ranks`.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
     samples = list(iter_labelled_samples(spec))
     if not samples:
         raise ValueError(f"no samples in {spec!r}")
-    mine = samples[rank::world]
-    per_rank = math.ceil(len(samples) / world)
-    calls = math.ceil(per_rank / batch_size)
-    feats: dict[str, list[torch.Tensor]] = {}
-    labels = []
-    for i in range(calls):
-        chunk = mine[i * batch_size : (i + 1) * batch_size]
-        pad = not chunk
-        chunk = chunk or mine[-1:] or samples[:1]
+    return labelled_features(featurize, samples, view, batch_size=batch_size, device=device, dtype=dtype)
+
+
+def labelled_features(featurize: Featurize, samples: list[dict], view: Callable[[dict], torch.Tensor], *,
+                      batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`extract_features` of samples already read."""
+    def run(chunk: list[dict]) -> dict[str, torch.Tensor]:
         x = torch.stack([view(s) for s in chunk]).to(device=device, dtype=dtype)
-        named = featurize(x)
-        if not pad:
-            for name, f in named.items():
-                feats.setdefault(name, []).append(f.float().cpu())
-            labels.extend(int(s["label"]) for s in chunk)
-    out = {name: torch.cat(fs) for name, fs in feats.items()}
-    y = torch.tensor(labels, dtype=torch.long)
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (out, y))
-        names = next(g[0] for g in gathered if g[0]).keys()
-        out = {n: torch.cat([g[0][n] for g in gathered if g[0]]) for n in names}
-        y = torch.cat([g[1] for g in gathered])
-    return out, y
+        named = {name: f.float() for name, f in featurize(x).items()}
+        return {**named, LABELS: torch.tensor([int(s["label"]) for s in chunk], dtype=torch.long)}
+
+    out = map_over_ranks(samples, batch_size, run)
+    return out, out.pop(LABELS)
+
+
+LABELS = "__labels__"  # the labels' entry among the named features of map_over_ranks
 
 
 def encoder_features(encoder: nn.Module, pools=("cls", "mean")) -> Featurize:

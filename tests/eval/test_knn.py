@@ -39,3 +39,34 @@ def test_knn_separable_clusters_are_classified_and_temperature_weights_votes():
     query = torch.tensor([[1.0, 0.0]])
     assert knn_predict(bank, bank_y, query, k=4, temperature=0.01).item() == 1  # sharp: nearest wins
     assert knn_predict(bank, bank_y, query, k=4, temperature=10.0).item() == 0  # flat: majority wins
+
+
+def _map_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from pretrain.eval.knn import map_over_ranks, split_order
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        calls = []
+
+        def run(chunk):
+            calls.append(len(chunk))
+            return {"x": torch.tensor(chunk, dtype=torch.float64)[:, None] * 10}
+
+        got = map_over_ranks(list(range(5)), 2, run)  # rank 0: [0, 2], [4]; rank 1: [1, 3], then a padding call
+        torch.save({"x": got["x"], "order": split_order(5), "calls": calls}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_map_over_ranks_shares_work_and_gives_every_rank_all_rows_in_split_order(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_map_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    order = [0, 2, 4, 1, 3]
+    for r in results:  # every rank has every row, once (the padding call's result is dropped)
+        assert r["order"] == order and r["x"][:, 0].tolist() == [10.0 * i for i in order]
+        assert r["calls"] == [2, 1]  # equal call counts: ZeRO-3 gathers parameters collectively

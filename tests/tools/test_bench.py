@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pretrain.engine.distributed import free_port
-from pretrain.tools.bench.common import default_out, format_table
+from pretrain.tools.bench.common import REPO_ROOT, default_out, format_table
 from pretrain.tools.bench.step import differing_weights, summarize
 from pretrain.tools.cli.main import main
 from pretrain.tools.demo.data import make_demo_data
@@ -72,8 +72,13 @@ def test_bench_data_reads_given_shards_with_two_workers(tmp_path):
     argv = ["bench", "data", *TINY_DATA, "--dims", "2", "--workers", "1,2", "--shards-2d",
             str(tmp_path / "shards" / "pretrain_2d"), "--out", str(out)]
     assert main(argv) == 0
-    (entry,) = read(out)["loaders"]
-    assert entry["generated_demo_shards"] is False and entry["shards"].endswith("pretrain_2d")
+    result = read(out)
+    (entry,) = result["loaders"]
+    assert entry["generated_demo_shards"] is False and entry["shards"] == ".../pretrain_2d"
+    # a committed result names no folder of the machine it ran on, and no host
+    assert str(tmp_path) not in out.read_text() and str(REPO_ROOT) not in out.read_text()
+    assert result["config"]["config_file"] == "configs/demo.yaml" and result["options"]["out"] == ".../data.json"
+    assert "hostname" not in result["device"]
     one, two = entry["runs"]
     assert (one["num_workers"], two["num_workers"]) == (1, 2)
     assert two["samples_per_s_per_worker"] == pytest.approx(two["samples_per_s_median"] / 2)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 from pretrain.tools.bench import common
 from pretrain.tools.bench.common import (DEFAULT_CONFIG, BenchInputError, default_out, load_average, new_result,
-                                         write_result)
+                                         recorded_path, write_result)
 from pretrain.tools.cli.args import positive_number
 
 # --- command line ---------------------------------------------------------------------------
@@ -30,9 +30,13 @@ def _int_list(choices: Sequence[int] | None = None):
     return parse
 
 
+_PATH_OPTIONS = ("config", "shards", "shards_2d", "shards_3d", "out")
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed command-line options, as they go into the result."""
-    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
+    """The parsed command-line options, as they go into the result (paths as :func:`recorded_path` writes them)."""
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
+    return {k: recorded_path(v) if k in _PATH_OPTIONS and isinstance(v, str) else v for k, v in options.items()}
 
 
 def _reported(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

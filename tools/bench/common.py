@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 from datetime import datetime, timezone
 from importlib import metadata
@@ -23,7 +22,8 @@ from typing import Any, Sequence
 import torch
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 VERSIONED_PACKAGES = ("torch", "deepspeed", "webdataset", "timm", "numpy")
 
 
@@ -32,6 +32,16 @@ class BenchInputError(ValueError):
 
 
 # --- what every result records --------------------------------------------------------------
+def recorded_path(path: str | Path) -> str:
+    """A path as a committed result names it: relative to the repository, or only its last part when it lies
+    elsewhere (a temporary folder, a user's data), so no result names this machine's folders."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(REPO_ROOT))
+    except ValueError:
+        return f".../{resolved.name}"
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, else what ``platform`` knows."""
     try:
@@ -53,7 +63,6 @@ def usable_cores() -> int:
 
 def device_info() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
@@ -87,8 +96,9 @@ def versions() -> dict[str, str | None]:
 
 
 def device_tag() -> str:
-    """File-name-safe name of where the benchmark ran: the GPU's name, else the host's."""
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else socket.gethostname()
+    """File-name-safe name of where the benchmark ran: the GPU's name, else "cpu" (the result describes the CPU;
+    a host name is not a device)."""
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 

@@ -23,7 +23,7 @@ from pretrain.data.codec import decode_sample
 from pretrain.data.stream import ShardStream, expand_shards, make_loader, read_tar_samples
 from pretrain.engine.trainer import build_train_stream
 from pretrain.objectives import build_objective
-from pretrain.tools.bench.common import BenchInputError, format_table, median
+from pretrain.tools.bench.common import BenchInputError, format_table, median, recorded_path
 from pretrain.tools.demo.data import SPLITS, make_demo_data
 
 # What each loader measures on top of the config: the demo split it reads by default
@@ -100,7 +100,7 @@ def bench_loader(dims: int, cfg: RunConfig, shards: Path, generated: bool, worke
     urls = expand_shards(str(shards))
     m = cfg.model
     entry: dict[str, Any] = {
-        "dims": dims, "shards": str(shards), "generated_demo_shards": generated, "num_shards": len(urls),
+        "dims": dims, "shards": recorded_path(shards), "generated_demo_shards": generated, "num_shards": len(urls),
         "stored_sample": first_sample(urls, objective, f"{dims}D shard set {shards}"),
         "objective": cfg.objective.name, "batch_size": cfg.data.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
         "model": {"spatial_dims": m.spatial_dims, "img_size": m.img_size, "patch_size": m.patch_size,
@@ -146,7 +146,7 @@ def run_data_bench(*, config: str | Path, overrides: Sequence[str] = (), shards_
                for r in runs},
         }
     return {
-        "config": {"config_file": str(config), "overrides": list(overrides), "seconds": seconds, "repeats": repeats,
+        "config": {"config_file": recorded_path(config), "overrides": list(overrides), "seconds": seconds, "repeats": repeats,
                    "warmup_batches": warmup_batches, "workers": sorted(set(workers)), "demo_samples": demo_samples},
         "loaders": loaders,
         "summary": summary,

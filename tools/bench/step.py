@@ -34,7 +34,7 @@ from pretrain.engine.distributed import setup_distributed, teardown_distributed
 from pretrain.engine.ds_setup import build_optimizer, move_batch
 from pretrain.engine.trainer import Trainer, seed_all
 from pretrain.objectives import build_objective
-from pretrain.tools.bench.common import BenchInputError, format_table, median
+from pretrain.tools.bench.common import BenchInputError, format_table, median, recorded_path
 from pretrain.tools.bench.data import demo_shards
 
 PROFILE_TOP = 25  # functions kept per list in the profile
@@ -222,13 +222,13 @@ def run_step_bench(*, config: str | Path, overrides: Sequence[str] = (), batch_s
     m = cfg.model
     result: dict[str, Any] = {
         "config": {
-            "config_file": str(config), "overrides": list(overrides), "objective": cfg.objective.name,
+            "config_file": recorded_path(config), "overrides": list(overrides), "objective": cfg.objective.name,
             "model": {"preset": m.preset, "spatial_dims": m.spatial_dims, "img_size": m.img_size,
                       "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads},
             "parameters": params, "batch_size": cfg.data.batch_size,
             "batch": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in batch.items()
                       if isinstance(v, torch.Tensor)},
-            "shards": str(source), "zero_stage": 0, "precision": "fp32", "grad_clip": cfg.optim.grad_clip,
+            "shards": recorded_path(source), "zero_stage": 0, "precision": "fp32", "grad_clip": cfg.optim.grad_clip,
             "device": str(dist_info.device), "torch_threads": cfg.train.threads, "rounds": rounds,
             "steps_per_round": steps, "warmup_steps": warmup, "same_initial_weights": True,
         },

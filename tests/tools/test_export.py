@@ -8,6 +8,7 @@ initial value); the slow ones export real training runs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,12 @@ def test_push_dry_run_lists_exactly_the_files_and_refuses_pickles(tmp_path, caps
     out = export_encoder(run, tmp_path / "export")
     files = push(out, "acme/cxr-mae", dry_run=True)
     assert files == [(p.name, p.stat().st_size) for p in sorted(out.iterdir())]
+    # every file (the safetensors, which is written through a private temporary file, too) has the mode a
+    # plain open() gives under this umask, and the folder a plain mkdir's
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert main(["export", "push", str(out), "acme/cxr-mae", "--dry-run", "--revision", "v1"]) == 0
     printed = capsys.readouterr().out
     assert "3 files would be uploaded to acme/cxr-mae@v1" in printed and "model.safetensors" in printed

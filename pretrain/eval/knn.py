@@ -17,6 +17,7 @@ from torch import nn
 
 from pretrain.data.codec import decode_sample
 from pretrain.data.stream import expand_shards
+from pretrain.models.encoder import eval_mode
 
 
 def iter_labelled_samples(spec: str | list[str]) -> Iterator[dict]:
@@ -110,12 +111,8 @@ LABELS = "__labels__"  # the labels' entry among the named features of map_over_
 def encoder_features(encoder: nn.Module, pools=("cls", "mean")) -> Featurize:
     """A featurizer for a frozen encoder: each pooling of one forward (in eval mode)."""
     def featurize(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        was_training = encoder.training
-        encoder.eval()
-        try:
+        with eval_mode(encoder):
             tokens = encoder.forward_features(x)
-        finally:
-            encoder.train(was_training)
         return {p: encoder.pool(tokens, p) for p in pools}
     return featurize
 

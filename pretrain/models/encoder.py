@@ -11,7 +11,8 @@ cells). ``pool`` turns tokens into one vector per image:
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from contextlib import contextmanager
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -55,3 +56,14 @@ def pool_tokens(tokens_BTD: torch.Tensor, num_prefix_tokens: int, mode: str) -> 
 
 def pooled_width(encoder: Encoder, mode: str) -> int:
     return 2 * encoder.embed_dim if mode == "cls+mean" else encoder.embed_dim
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode (no dropout, drop-path, batch-norm updates) for the block, then as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

@@ -95,15 +95,10 @@ class TextTower(nn.Module):
                 raise ValueError(f"objective.freeze_text_layers={freeze_layers}: the text model has "
                                  f"{len(layers)} layers (+1 for the embeddings)")
             self.transformer.get_input_embeddings().requires_grad_(False)
-            for embeddings in (getattr(self.transformer, "embeddings", None),):
-                if embeddings is not None:
-                    embeddings.requires_grad_(False)
+            if getattr(self.transformer, "embeddings", None) is not None:  # BERT-likes: positions, types, norm too
+                self.transformer.embeddings.requires_grad_(False)
             for layer in layers[: freeze_layers - 1]:
                 layer.requires_grad_(False)
-
-    @property
-    def width(self) -> int:
-        return self.transformer.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -40,7 +40,7 @@ from pretrain.data.transforms import augmented_view, sample_rng
 from pretrain.losses.infonce_loss import infonce_loss
 from pretrain.losses.siglip_loss import siglip_loss
 from pretrain.models.backbones import build_backbone
-from pretrain.models.encoder import pooled_width
+from pretrain.models.encoder import eval_mode, pooled_width
 from pretrain.models.text_tower import TextTower, load_tokenizer
 from pretrain.objectives.base import BuildContext, DataRecipe, EvalBundle, Objective
 
@@ -296,23 +296,15 @@ class CLIP(Objective):
 
     @torch.no_grad()
     def embed_images(self, x: torch.Tensor) -> torch.Tensor:
-        was = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self.image_embedding(x)
-        finally:
-            self.train(was)
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self._recipe.tokenize(texts)
         device = self.logit_scale.device
-        was = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self.text_embedding(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        finally:
-            self.train(was)
 
     def class_prompts(self, class_names: list[str]) -> dict[str, list[str]]:
         """Zero-shot prompts per class: from ``class_prompts`` (JSON) or the templates on the class names."""

@@ -53,21 +53,30 @@ def _print_summary(summary: dict) -> None:
     print(f"summary       : {Path(summary['run_dir']) / 'summary.json'}")
 
 
-def _eval_knn(args: argparse.Namespace) -> int:
+def _random_init_objective(args: argparse.Namespace):
+    """(objective at its seeded random init, config) for ``--random-init CONFIG [overrides]``."""
     import torch
 
     from pretrain.config import load_config
+    from pretrain.objectives import build_objective
+
+    # argparse hands the first override to the optional SOURCE positional: it is an override here
+    overrides = ([args.source] if args.source else []) + list(args.overrides)
+    cfg = load_config(args.random_init, overrides)
+    torch.manual_seed(cfg.train.seed)
+    return build_objective(cfg), cfg
+
+
+def _eval_knn(args: argparse.Namespace) -> int:
+    import torch
+
     from pretrain.data.transforms import eval_view
     from pretrain.eval.knn import knn_accuracy
-    from pretrain.objectives import build_objective
     from pretrain.tools.export.encoder import load_encoder
 
     if args.random_init:
-        # argparse hands the first override to the optional SOURCE positional: it is an override here
-        overrides = ([args.source] if args.source else []) + list(args.overrides)
-        cfg = load_config(args.random_init, overrides)
-        torch.manual_seed(cfg.train.seed)
-        bundle = build_objective(cfg).eval_bundle()
+        objective, cfg = _random_init_objective(args)
+        bundle = objective.eval_bundle()
         (_, encoder), intensity, pool = bundle.headline, cfg.data.intensity, bundle.pool
     else:
         encoder, intensity, pool = load_encoder(args.source)
@@ -111,18 +120,14 @@ def _eval_image_text(args: argparse.Namespace) -> int:
     """Zero-shot classification or image–text retrieval of an image–text run (CLIP) on labelled shards."""
     import torch
 
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import ConfigError
     from pretrain.data.transforms import eval_view
     from pretrain.eval.image_text import evaluate_image_text
-    from pretrain.objectives import build_objective
     from pretrain.storage.checkpoints import resolve_checkpoint
     from pretrain.tools.export.source import trained_objective
 
     if args.random_init:
-        overrides = ([args.source] if args.source else []) + list(args.overrides)
-        cfg = load_config(args.random_init, overrides)
-        torch.manual_seed(cfg.train.seed)
-        objective = build_objective(cfg)
+        objective, cfg = _random_init_objective(args)
     else:
         objective, cfg = trained_objective(resolve_checkpoint(args.source))
     bundle = objective.eval_bundle()

@@ -47,7 +47,9 @@ setup(
         "dicom-codecs": ["pylibjpeg>=2", "pylibjpeg-libjpeg>=2", "pylibjpeg-openjpeg>=2"],
         # monai: networks for ``model.name: monai:<network>`` (3D ResNets, SwinUNETR's encoder, ...)
         "monai": ["monai>=1.4,<2"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "monai>=1.4,<2"],
+        # open_clip: `pretrain export --target open_clip` checks a CLIP export by loading it there
+        "open_clip": ["open_clip_torch>=3.0,<4"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "monai>=1.4,<2", "open_clip_torch>=3.0,<4"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.tools.cli.main:main"]},
 )

@@ -47,6 +47,19 @@ def load_transformer(name_or_path: str, *, dropout: float | None = None) -> nn.M
                          f"{where}: {e}") from None
 
 
+def save_transformer(model: nn.Module, folder: Path) -> None:
+    """``save_pretrained`` as safetensors, without transformers 5's progress bar per shard."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 

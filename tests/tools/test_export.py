@@ -42,7 +42,25 @@ from safetensors.torch import load_file, save_file
 library, folder, inputs, outputs = sys.argv[1:5]
 x = load_file(inputs)["x"]
 config = json.load(open(f"{folder}/config.json"))
-if library == "timm":
+if library == "open_clip":  # as the card writes it: local-dir, offline, the grey image in R, G and B
+    import numpy as np, open_clip
+    from PIL import Image
+    from transformers import AutoModel, AutoTokenizer
+    texts = json.loads(sys.argv[5])
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    model.eval()
+    grey = Image.fromarray(load_file(inputs)["grey"].numpy())  # an 8-bit grey image through open_clip's transform
+    text_model, text_tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        tokens = text_tokenizer(texts, padding=True, return_tensors="pt")
+        out = {"image": model.encode_image(x.expand(-1, 3, -1, -1), normalize=True),
+               "preprocessed": model.encode_image(preprocess(grey)[None], normalize=True),
+               "text": model.encode_text(tokenizer(texts), normalize=True), "scale": model.logit_scale.exp().reshape(1),
+               "hidden": text_model(**tokens).last_hidden_state, "mask": tokens["attention_mask"]}
+        if getattr(model, "logit_bias", None) is not None:
+            out["bias"] = model.logit_bias.reshape(1)
+elif library == "timm":
     import timm
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
@@ -90,10 +108,11 @@ def fake_run(tmp_path: Path, config: str, overrides: list[str], step: int = 7, s
     return run
 
 
-def isolated_features(library: str, folder: Path, x: torch.Tensor, tmp_path: Path) -> dict[str, torch.Tensor]:
-    save_file({"x": x.contiguous()}, str(tmp_path / "x.safetensors"))
+def isolated_features(library: str, folder: Path, x: torch.Tensor, tmp_path: Path, *extra: str,
+                      inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    save_file({"x": x.contiguous(), **(inputs or {})}, str(tmp_path / "x.safetensors"))
     proc = subprocess.run([sys.executable, "-c", ISOLATED_LOADER, library, str(folder), str(tmp_path / "x.safetensors"),
-                           str(tmp_path / "y.safetensors")], capture_output=True, text=True, timeout=300,
+                           str(tmp_path / "y.safetensors"), *extra], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(tmp_path / "y.safetensors"))
@@ -256,6 +275,20 @@ def test_push_dry_run_lists_exactly_the_files_and_refuses_pickles(tmp_path, caps
     assert main(["export", "push", str(tmp_path), "acme/x", "--dry-run"]) == 2
 
 
+def test_pickle_check_tells_safetensors_from_pickles(tmp_path):
+    import pickle
+
+    # a safetensors header of 0x?80 bytes starts with 0x80, as a pickle's PROTO opcode does
+    for n in range(1, 200):
+        save_file({"w": torch.zeros(n)}, str(tmp_path / "w.safetensors"), metadata={"pad": "x" * n})
+        if (tmp_path / "w.safetensors").read_bytes()[0] == 0x80:
+            break
+    assert (tmp_path / "w.safetensors").read_bytes()[0] == 0x80
+    (tmp_path / "p.pkl").write_bytes(pickle.dumps({"w": [1.0]}, protocol=5))
+    (tmp_path / "p2.pkl").write_bytes(pickle.dumps({"w": [1.0]}, protocol=2))
+    assert pickled_files(tmp_path) == ["p.pkl", "p2.pkl"]
+
+
 def test_failed_export_keeps_the_previous_one(tmp_path):
     run = fake_run(tmp_path, "configs/demo.yaml", MAE_2D)
     out = export_encoder(run, tmp_path / "export")
@@ -279,12 +312,115 @@ def test_export_without_checkpoint_names_the_folder(tmp_path):
         export_encoder(tmp_path, tmp_path / "out")
 
 
+# ------------------------------------------------------------------ CLIP runs: open_clip (both towers) and transformers
+
+TEXTS = ["No pleural effusion.", "Multiple solid nodules in both lungs.", "normal"]
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> str:
+    from pretrain.tools.demo.text_tower import build_text_tower
+
+    corpus = TEXTS * 4 + ["Thin-walled cysts in the left lung.", "Short linear bands in the right lung."]
+    return str(build_text_tower(tmp_path_factory.mktemp("text") / "tower", corpus))
+
+
+def clip_run(tmp_path: Path, text_model: str, *overrides: str) -> Path:
+    return fake_run(tmp_path, "configs/clip/demo.yaml", [
+        "model.preset=nano", "model.img_size=32", "model.patch_size=8", "objective.embed_dim=32",
+        "objective.max_tokens=24", "objective.image_pool=mean", f"objective.text_model={text_model}", *overrides])
+
+
+CLIP_VARIANTS = [
+    pytest.param(["data.intensity=range"], id="vit-mean-infonce"),
+    pytest.param(["objective.image_pool=cls", "objective.text_pool=cls", "objective.projection=mlp", "objective.loss=siglip",
+                  "model.layer_scale_init=0.1", "model.qkv_bias=false", "model.pos_embed=learned", "data.intensity=range"],
+                 id="vit-cls-siglip-mlp-layerscale"),
+    pytest.param(["model.name=timm:resnet18", "data.intensity=range"], id="timm-resnet18"),
+]
+
+
+@pytest.mark.parametrize("variant", CLIP_VARIANTS)
+def test_clip_export_loads_in_open_clip_and_transformers_without_medpretrain(tmp_path, text_model, variant):
+    from pretrain.tools.export.source import open_trained_encoder
+
+    run = clip_run(tmp_path, text_model, *variant)
+    out = export_encoder(run, tmp_path / "export")  # a 2D CLIP run: open_clip by default
+    names = sorted(p.name for p in out.iterdir())
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "config.json", "model.safetensors", "README.md",
+            "tokenizer.json", "tokenizer_config.json"} <= set(names), names
+    assert pickled_files(out) == []
+    item = open_trained_encoder(run)
+    clip = item.objective
+    x = torch.randn(3, 1, 32, 32)
+    grey = torch.randint(0, 256, (32, 32), dtype=torch.uint8)
+    theirs = isolated_features("open_clip", out, x, tmp_path, json.dumps(TEXTS), inputs={"grey": grey})
+    with torch.no_grad():
+        torch.testing.assert_close(theirs["image"], clip.embed_images(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs["text"], clip.embed_texts(TEXTS), atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs["scale"], clip.scale().reshape(1), atol=1e-4, rtol=1e-6)
+        if clip.logit_bias is not None:
+            torch.testing.assert_close(theirs["bias"], clip.logit_bias.detach().reshape(1))
+        # open_clip's own transform on an 8-bit grey image is this run's `range` normalisation
+        torch.testing.assert_close(theirs["preprocessed"], clip.embed_images(grey[None, None].float() / 255),
+                                   atol=1e-5, rtol=0)
+        # the text transformer alone, with transformers: our tower's token states
+        tokens = clip.data_recipe().tokenizer(TEXTS, padding=True, return_tensors="pt")
+        ours = clip.text.transformer(**tokens).last_hidden_state
+        keep = theirs["mask"].bool()
+        torch.testing.assert_close(theirs["hidden"][keep], ours[keep], atol=1e-5, rtol=0)
+        # medpretrain reads the image tower back (pretrain eval on the export)
+        encoder, intensity, pool = load_encoder(out)
+        torch.testing.assert_close(encoder.eval()(x), item.encoder(x), atol=1e-5, rtol=0)
+    assert (intensity, pool) == ("range", clip.cfg.image_pool)
+    card = (out / "README.md").read_text()
+    assert "library_name: open_clip" in card and "pipeline_tag: zero-shot-image-classification" in card
+    assert text_model not in card  # the local text tower's path is not shown
+
+
+def test_clip_export_moves_and_pushes_naming_its_text_tower(tmp_path, text_model):
+    from pretrain.tools.export.open_clip_target import load
+    from pretrain.tools.export.push import as_uploaded
+
+    run = clip_run(tmp_path, text_model)
+    out = export_encoder(run, tmp_path / "export", repo_id="acme/cxr-clip")
+    moved = tmp_path / "elsewhere" / "clip"
+    moved.parent.mkdir()
+    out.rename(moved)
+    model, tokenizer = load(moved)  # the card's snippet for a moved folder
+    with torch.no_grad():
+        assert model.encode_text(tokenizer(TEXTS), normalize=True).shape == (3, 32)
+    # pushed, the config names the repository (hf-hub:acme/cxr-clip reads its own config.json and tokenizer)
+    with as_uploaded(moved, "acme/cxr-clip") as view:
+        text_cfg = json.loads((view / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+        assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "acme/cxr-clip"
+        assert (view / "open_clip_model.safetensors").read_bytes() == (moved / "open_clip_model.safetensors").read_bytes()
+    assert json.loads((moved / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"] == str(out)
+    files = push(moved, "acme/cxr-clip", dry_run=True)
+    assert [f for f, _ in files] == sorted(p.name for p in moved.iterdir())
+    card = (moved / "README.md").read_text()
+    assert 'open_clip.create_model_and_transforms("hf-hub:acme/cxr-clip")' in card
+
+
+def test_clip_exports_open_clip_cannot_hold_are_refused_or_export_the_image_tower(tmp_path, text_model, caplog):
+    run = clip_run(tmp_path, text_model, "objective.image_pool=cls+mean")
+    with pytest.raises(ExportError, match="pool the class token or the patch mean, not both"):
+        export_encoder(run, tmp_path / "export", target="open_clip")
+    with caplog.at_level("WARNING"):
+        out = export_encoder(run, tmp_path / "export")  # by default: the image tower alone, for timm
+    assert "image tower alone" in caplog.text
+    assert json.loads((out / "config.json").read_text())["medpretrain"]["target"] == "timm"
+    mae = fake_run(tmp_path / "mae", "configs/demo.yaml", MAE_2D)
+    with pytest.raises(ExportError, match="image-text models"):
+        export_encoder(mae, tmp_path / "export2", target="open_clip")
+
+
 # ------------------------------------------------------------------ real training runs (slow)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    make_demo_data(out, scale=0.01, splits=["pretrain_2d", "pretrain_3d"], progress=False)
+    make_demo_data(out, scale=0.01, splits=["pretrain_2d", "pretrain_3d"], progress=False, text_tower=True)
     return out
 
 
@@ -320,3 +456,25 @@ def test_trained_run_exports_and_loads_without_medpretrain(tmp_path, shards, con
     init = build_objective(load_config(config, args)).eval_bundle().headline[1]
     with torch.no_grad():
         assert not torch.allclose(init.eval()(x), embedding, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_trained_clip_run_exports_to_open_clip(tmp_path, shards):
+    run = tmp_path / "run"
+    args = [*TINY, "model.preset=nano", "model.img_size=32", "objective.image_pool=mean", "objective.embed_dim=32",
+            "objective.max_tokens=32", f"objective.text_model={shards / 'text_tower'}", f"data.train={shards / 'pretrain_2d'}",
+            f"train.run_dir={run}"]
+    proc = subprocess.run([sys.executable, "-m", "pretrain.tools.cli.main", "train", "configs/clip/demo.yaml", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(json.loads((run / "summary.json").read_text())["export"])
+    assert json.loads((out / "open_clip_config.json").read_text())["medpretrain"]["step"] == 3
+    from pretrain.tools.export.source import open_trained_encoder
+
+    clip = open_trained_encoder(run).objective
+    x = torch.randn(2, 1, 32, 32)
+    theirs = isolated_features("open_clip", out, x, tmp_path, json.dumps(TEXTS),
+                               inputs={"grey": torch.zeros(32, 32, dtype=torch.uint8)})
+    with torch.no_grad():
+        torch.testing.assert_close(theirs["image"], clip.embed_images(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs["text"], clip.embed_texts(TEXTS), atol=1e-5, rtol=0)

@@ -224,12 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo_data)
 
-    e = sub.add_parser("export", help="export an encoder to a hub folder for timm or MONAI (`export push` uploads it)")
+    e = sub.add_parser("export", help="export an encoder to a hub folder for timm, MONAI or open_clip (`export push` uploads it)")
     e.add_argument("source", help="run directory or checkpoint folder")
     e.add_argument("out", help="export folder (replaced once the new export is complete and verified)")
     e.add_argument("--encoder", help="which encoder of the objective (DINO: teacher | student); default: the headline")
-    e.add_argument("--target", choices=["timm", "monai"], help="default: timm for 2D ViTs and timm: backbones, "
-                   "MONAI for 3D ViTs and monai: backbones")
+    e.add_argument("--target", choices=["timm", "monai", "open_clip"], help="default: open_clip for 2D CLIP runs "
+                   "(both towers), timm for other 2D ViTs and timm: backbones, MONAI for 3D ViTs and monai: backbones")
     e.add_argument("--license", default="other", help="licence field of the model card (e.g. apache-2.0, cc-by-nc-4.0)")
     e.add_argument("--base-model", help="hub id of the weights the run continued from (model card metadata)")
     e.add_argument("--repo-id", help="OWNER/NAME the export will be pushed to (used in the card's snippets)")

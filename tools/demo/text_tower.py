@@ -69,7 +69,8 @@ def build_text_tower(out: Path, corpus: list[str], seed: int = 0) -> Path:
     (its files replace those of an older tower there; nothing else in ``out`` is touched); returns ``out``."""
     import torch
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+
+    from pretrain.models.text_tower import save_transformer
 
     if not corpus:
         raise ValueError("the text tower needs a non-empty corpus")
@@ -88,13 +89,7 @@ def build_text_tower(out: Path, corpus: list[str], seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):  # seeded without moving the caller's random stream
         torch.manual_seed(seed)
         model = BertModel(config).eval()
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers 5 shows one bar per saved shard
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+    save_transformer(model, out)
     # safetensors writes through a private temporary file: give the weights the mode the other files got
     (out / "model.safetensors").chmod((out / "config.json").stat().st_mode & 0o777)
     marker = {"source": tower_source(seed, corpus), "vocab_size": len(tokenizer),

@@ -7,6 +7,7 @@ written (a manifest's ``source`` and ``failed`` entries stay out).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from pretrain.config import config_to_dict
@@ -21,6 +22,7 @@ _INTENSITY = {
     "none": "native intensities, unchanged",
 }
 _ZSCORE_CODE = "x = (x - x.mean(dim=spatial, keepdim=True)) / x.std(dim=spatial, keepdim=True).clamp_min(1e-6)"
+_NEEDS = {"open_clip": "`open_clip_torch`, `transformers`"}
 _METHOD_TAGS = {"mae": "masked-image-modeling", "dino": "self-distillation", "clip": "contrastive-image-text",
                 "lvm_med": "graph-matching-contrastive"}
 
@@ -32,9 +34,12 @@ def _yaml_list(name: str, values: list[str]) -> list[str]:
 def front_matter(item: TrainedEncoder, library: str, license: str, base_model: str | None) -> str:
     dims = f"{item.cfg.model.spatial_dims}d"
     objective = item.cfg.objective.name
-    tags = ["medpretrain", "medical-imaging", "self-supervised", objective, _METHOD_TAGS.get(objective, objective),
+    supervision = "vision-language" if objective == "clip" else "self-supervised"
+    tags = ["medpretrain", "medical-imaging", supervision, objective, _METHOD_TAGS.get(objective, objective),
             dims, "image-feature-extraction", library]
-    lines = ["---", f"library_name: {library}", f"license: {license}", "pipeline_tag: image-feature-extraction",
+    # an open_clip export is the whole image-text model: it classifies zero-shot from class prompts
+    pipeline = "zero-shot-image-classification" if library == "open_clip" else "image-feature-extraction"
+    lines = ["---", f"library_name: {library}", f"license: {license}", f"pipeline_tag: {pipeline}",
              *_yaml_list("tags", list(dict.fromkeys(tags)))]
     if base_model:
         lines.append(f"base_model: {base_model}")
@@ -109,20 +114,47 @@ def _eval_section(item: TrainedEncoder) -> list[str]:
     if gain:
         lines += ["", f"Gain over the better baseline: linear {100 * gain['linear']:+.1f} points, "
                       f"kNN {100 * gain['knn']:+.1f} points."]
+    image_text = [(label, r) for label, r in rows if r and "zeroshot" in r]
+    if image_text:
+        lines += ["", "Image-text (the run's class prompts; Recall@K between held-out images and their reports):", "",
+                  "| model | zero-shot | zero-shot (balanced) | R@1 / R@5 / R@10 image->text | text->image |",
+                  "|---|---|---|---|---|"]
+        recall = lambda r, d: " / ".join(_fmt(r.get(f"{d}_r{k}")) for k in (1, 5, 10))  # noqa: E731
+        for label, r in image_text:
+            lines.append(f"| {label} | {_fmt(r['zeroshot'])} | {_fmt(r.get('zeroshot_balanced'))} | {recall(r, 'i2t')} "
+                         f"| {recall(r, 't2i')} |")
     if pretrained and pretrained.get("encoder", item.name) != item.name:
         lines.append(f"\nThe table's headline is the run's `{pretrained['encoder']}`; this export is `{item.name}`.")
     return lines + [""]
 
 
+def _public(value: Any) -> Any:
+    """A setting as the card may show it: a local path (a text tower folder, a prompts file) is not shown."""
+    if isinstance(value, str) and value and ("/" in value or "\\" in value) and Path(value).expanduser().exists():
+        return "(a local file)"
+    return value
+
+
+def _text_tower_line(item: TrainedEncoder) -> list[str]:
+    text = getattr(item.objective, "text", None)
+    if text is None:
+        return []
+    c = text.transformer.config
+    params = sum(p.numel() for p in text.parameters())
+    return [f"- text tower: `{c.model_type}`, {c.num_hidden_layers} layers, width {c.hidden_size}, vocabulary "
+            f"{c.vocab_size:,}, {params:,} parameters with the projection"]
+
+
 def _recipe_section(item: TrainedEncoder, encoder) -> list[str]:
     cfg = item.cfg
-    objective = {k: v for k, v in config_to_dict(cfg.objective).items() if k not in ("init_from",)}
+    objective = {k: _public(v) for k, v in config_to_dict(cfg.objective).items() if k not in ("init_from",)}
     model = {k: v for k, v in config_to_dict(cfg.model).items() if v not in (None, {}, "")}
     params = sum(p.numel() for p in encoder.parameters())
     return [
         "## Recipe", "",
         f"- objective `{cfg.objective.name}`, exported encoder `{item.name}`, features read with `{item.pool}` pooling",
         f"- backbone `{cfg.model.name}`, {params:,} parameters: " + ", ".join(f"{k}={v}" for k, v in model.items()),
+        *_text_tower_line(item),
         "- objective settings: " + ", ".join(f"{k}={v}" for k, v in objective.items()),
         f"- AdamW lr {cfg.optim.lr} ({cfg.optim.schedule}, {cfg.optim.warmup_steps} warm-up steps), "
         f"weight decay {cfg.optim.weight_decay}, gradient clip {cfg.optim.grad_clip}, seed {cfg.train.seed}",
@@ -131,7 +163,7 @@ def _recipe_section(item: TrainedEncoder, encoder) -> list[str]:
     ]
 
 
-def _use_section(item: TrainedEncoder, snippet: str, library: str) -> list[str]:
+def _use_section(item: TrainedEncoder, snippet: str, library: str, notes: list[str]) -> list[str]:
     model = item.cfg.model
     spatial = "(2, 3)" if model.spatial_dims == 2 else "(2, 3, 4)"
     prep = ["## Input", "",
@@ -139,7 +171,9 @@ def _use_section(item: TrainedEncoder, snippet: str, library: str) -> list[str]:
             f"channels first. Intensities: {_INTENSITY[item.cfg.data.intensity]}."]
     if item.cfg.data.intensity == "zscore":
         prep += ["", "```python", f"spatial = {spatial}", _ZSCORE_CODE, "```"]
-    if model.in_chans == 1:
+    if notes:
+        prep += ["", *notes]
+    elif model.in_chans == 1:
         prep += ["", "Grey-scale images are fed as they are (1 channel); average RGB images to one channel first."]
     prep += ["", f"## Load with {library}", "", snippet.rstrip(), ""]
     return prep
@@ -156,14 +190,14 @@ LIMITS = [
 
 
 def model_card(item: TrainedEncoder, encoder, *, library: str, license: str, base_model: str | None,
-               snippet: str, files: list[str], repo: str | None) -> str:
+               snippet: str, files: list[str], repo: str | None, input_notes: list[str] = ()) -> str:
     dims = f"{item.cfg.model.spatial_dims}D"
     name = repo.rpartition("/")[2] if repo else "medpretrain"
     title = f"# {name}: {dims} `{item.cfg.model.name}` encoder ({item.cfg.objective.name})"
     body = [title, "", f"Pretrained with **{item.cfg.objective.name}** by "
             "medpretrain and exported for "
-            f"`{library}`; loading needs `{library}`, `torch` and `safetensors`, not medpretrain.", "",
+            f"`{library}`; loading needs {_NEEDS.get(library, f'`{library}`')}, `torch` and `safetensors`, not medpretrain.", "",
             *_recipe_section(item, encoder), *_data_section(item), *_compute_section(item, encoder),
-            *_eval_section(item), *_use_section(item, snippet, library), *LIMITS,
+            *_eval_section(item), *_use_section(item, snippet, library, list(input_notes)), *LIMITS,
             "## Files", "", *(f"- `{f}`" for f in files), ""]
     return front_matter(item, library, license, base_model) + "\n".join(body)

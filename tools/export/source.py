@@ -55,6 +55,7 @@ class TrainedEncoder:
     checkpoint: Path
     summary: dict[str, Any] | None  # the run's summary.json, when the run finished
     manifests: list[dict[str, Any]]  # manifest.json of each training shard folder that has one
+    objective: torch.nn.Module  # the whole trained objective (CLIP exports both towers and the logit scale)
 
 
 def open_trained_encoder(source: str | Path, encoder: str | None = None) -> TrainedEncoder:
@@ -68,7 +69,7 @@ def open_trained_encoder(source: str | Path, encoder: str | None = None) -> Trai
                          f"{', '.join(bundle.encoders)}")
     step = int((ckpt / COMPLETE).read_text().strip() or 0)
     return TrainedEncoder(name, bundle.encoders[name].eval(), bundle.pool, cfg, step, ckpt,
-                          _run_summary(ckpt), _manifests(cfg))
+                          _run_summary(ckpt), _manifests(cfg), objective.eval())
 
 
 def _run_summary(ckpt: Path) -> dict[str, Any] | None:

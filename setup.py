@@ -40,6 +40,10 @@ setup(
         "transformers>=4.45,<6",
         "tokenizers>=0.20,<1",
         "huggingface-hub>=0.24,<3",  # pretrain export push (transformers needs it too)
+        # pretrain scaling: L-BFGS fits, BLAS held to one thread during them, the study's figures
+        "scipy>=1.11,<2",
+        "threadpoolctl>=3.1,<4",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],

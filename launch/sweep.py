@@ -3,6 +3,7 @@
 ```yaml
 name: lr-by-size        # run directories go under runs/<name>/ (default: the file's stem)
 max_concurrent: 4       # array tasks running at once (optional)
+meta: {}                # anything (optional, not read by launch): `pretrain scaling plan` records its plan here
 grid:                   # every combination, the last key varying fastest
   model.preset: [nano, micro]
   optim.lr: [1.0e-4, 3.0e-4]
@@ -22,18 +23,19 @@ from typing import Any
 
 import yaml
 
-_KEYS = {"name", "max_concurrent", "grid", "points"}
+_KEYS = {"name", "max_concurrent", "grid", "points", "meta"}  # meta: free-form, not read here (scaling plans)
 
 
 @dataclass(frozen=True)
 class SweepPoint:
     index: int
     overrides: list[str]
+    shared: frozenset[str] = frozenset()  # overrides every point of the sweep has: left out of the name
 
     @property
     def name(self) -> str:
-        """``003-optim.lr=3e-4,model.preset=nano``, made safe as a folder name."""
-        text = ",".join(self.overrides)
+        """``003-optim.lr=3e-4,model.preset=nano`` (what sets the point apart), made safe as a folder name."""
+        text = ",".join(o for o in self.overrides if o not in self.shared) or ",".join(self.overrides)
         return f"{self.index:03d}-" + re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text)[:120]
 
 
@@ -84,4 +86,5 @@ def load_sweep(path: str | Path) -> Sweep:
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"{path}: max_concurrent must be a positive integer, got {limit!r}")
     name = str(raw.get("name") or path.stem)
-    return Sweep(name, [SweepPoint(i, o) for i, o in enumerate(overrides)], limit)
+    shared = frozenset.intersection(*(frozenset(o) for o in overrides)) if len(overrides) > 1 else frozenset()
+    return Sweep(name, [SweepPoint(i, o, shared) for i, o in enumerate(overrides)], limit)

@@ -92,6 +92,31 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     for key in ("knn_cls", "knn_mean", "linear"):
         assert probe["pretrained"][key] == summary["eval"]["pretrained"][key]
     assert probe["raw_pixels"] == summary["eval"]["raw_pixels"]
+    # summary.json records the compute a scaling study fits: C = FLOPs per sample x samples seen
+    compute = summary["compute"]
+    assert compute["samples_seen"] == 4 * 8 and compute["global_batch"] == 8
+    assert compute["compute_flops"] == pytest.approx(compute["flops_per_sample"] * 32)
+    from pretrain.config import load_config
+    from pretrain.objectives import build_objective
+
+    rebuilt = build_objective(load_config(run / "config.yaml"))
+    assert compute["flops_per_sample"] == pytest.approx(rebuilt.flops_per_sample())
+    params = compute["params"]
+    assert params["encoder"] == "encoder" and params["total"] == sum(p.numel() for p in rebuilt.encoder.parameters())
+    assert 0 < params["embedding"] < params["total"] == params["embedding"] + params["non_embedding"]
+    # scaling collect reads the run, and refuses one that has not finished
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["scaling", "collect", str(run), str(unfinished), "--out", str(tmp_path / "t.csv")]) == 2
+    assert "unfinished: no summary.json" in capsys.readouterr().err
+    assert main(["scaling", "collect", str(run), str(unfinished), "--out", str(tmp_path / "t.csv"),
+                 "--skip-unfinished"]) == 0
+    from pretrain.tools.scaling.collect import read_table
+
+    (row,) = read_table(tmp_path / "t.csv")
+    assert (row["N"], row["D"], row["steps"]) == (params["non_embedding"], 32, 4)
+    assert row["C"] == pytest.approx(compute["compute_flops"]) and row["knn"] == summary["knn_final"]
     # TensorBoard event files hold the loss curve and the reconstruction images.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -26,6 +26,7 @@ from pretrain.config import RunConfig, dump_config
 from pretrain.data.stream import ShardStream, StreamSource, expand_shards, make_loader
 from pretrain.data.transforms import eval_view
 from pretrain.engine import checkpoint as ckpt
+from pretrain.engine.compute import compute_record
 from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_distributed
 from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
 from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
@@ -393,6 +394,7 @@ class Trainer:
             "knn_init": self.history.get("knn_init"),
             "knn_final": final_acc,
             "eval": _eval_summary(final, self.history.get("eval_baselines", {})),
+            "compute": compute_record(self.objective, self.cfg, self.step, self.dist.world_size),
             "checkpoint": str((self.ckpt_dir / ckpt.tag_for(self.step)).resolve()),
             "tensorboard": str((self.run_dir / "tb").resolve()),
             "export": None,

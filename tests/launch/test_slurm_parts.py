@@ -63,6 +63,9 @@ def test_list_sweep_keeps_points_and_types(tmp_path):
     sweep = load_sweep(path)
     assert sweep.name == "pts" and sweep.max_concurrent is None
     assert [p.overrides for p in sweep.points] == [["optim.lr=0.001"], ["train.steps=20", "data.resample=true"]]
+    # what every point sets is left out of the run names (a scaling plan repeats its base overrides)
+    path.write_text(yaml.safe_dump({"points": [{"eval.every": 0, "train.steps": 10}, {"eval.every": 0, "train.steps": 20}]}))
+    assert [p.name for p in load_sweep(path).points] == ["000-train.steps=10", "001-train.steps=20"]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.tools.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from pretrain.tools.scaling.cli import add_scaling_parser
+
+    add_scaling_parser(sub)
     return parser
 
 
@@ -270,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.config import ConfigError
         from pretrain.tools.export.encoder import ExportError
         from pretrain.tools.export.push import PushError
+        from pretrain.tools.scaling.cli import ScalingError
 
-        if isinstance(e, (ConfigError, FileNotFoundError, ExportError, PushError)):
+        if isinstance(e, (ConfigError, FileNotFoundError, ExportError, PushError, ScalingError)):
             print(f"pretrain: error: {e}", file=sys.stderr)
             return 2
         raise

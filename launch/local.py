@@ -290,9 +290,35 @@ def launch_local(config: str | Path, overrides: Sequence[str], nproc: int, *, ma
                              log_dir=log_dir, grace=grace, env=env)
 
 
+def sweep_point_overrides(sweep_file: str, index: int, sweep_dir: str | None) -> list[str]:
+    """Point ``index`` of a sweep as overrides, its run directory where ``launch slurm`` would put it; the
+    sweep's record (``sweep.json``, every point) is written beside, as ``launch slurm`` writes it."""
+    import json
+
+    from pretrain.launch.slurm_job import SWEEP_RECORD
+    from pretrain.launch.sweep import load_sweep
+
+    sweep = load_sweep(sweep_file)
+    if not 0 <= index < len(sweep.points):
+        raise ValueError(f"--point {index}: {sweep_file} has points 0..{len(sweep.points) - 1}")
+    root = Path(sweep_dir or Path("runs") / sweep.name).resolve()
+    runs = [{"index": p.index, "name": p.name, "overrides": p.overrides, "run_dir": str(root / p.name)}
+            for p in sweep.points]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SWEEP_RECORD).write_text(json.dumps({"name": sweep.name, "sweep_file": str(Path(sweep_file).resolve()),
+                                                 "runs": runs, "launcher": "local"}, indent=2) + "\n")
+    point = sweep.points[index]
+    return [*point.overrides, f"train.run_dir={root / point.name}"]
+
+
 def _launch_local_cli(args: argparse.Namespace) -> int:
     try:
-        return launch_local(args.config, args.overrides, args.nproc, master_port=args.master_port,
+        overrides = list(args.overrides)
+        if (args.sweep is None) != (args.point is None):
+            raise ValueError("--sweep and --point go together: the point of the sweep file to run")
+        if args.sweep:
+            overrides += sweep_point_overrides(args.sweep, args.point, args.sweep_dir)
+        return launch_local(args.config, overrides, args.nproc, master_port=args.master_port,
                             log_dir=args.log_dir, grace=args.grace)
     except ValueError as e:  # bad launcher arguments: a usage error, not a traceback
         print(f"pretrain launch local: error: {e}", file=sys.stderr)
@@ -309,5 +335,9 @@ def add_local_parser(launch_subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--log-dir", help="write DIR/rank{i}.log per rank; only rank 0 also goes to the console")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds the other ranks get to exit after one fails, before SIGTERM/SIGKILL (default 30)")
+    p.add_argument("--sweep", help="SWEEP.yaml: run one of its points (--point), in the run directory launch slurm "
+                   "would give it")
+    p.add_argument("--point", type=int, help="index of the sweep point to run")
+    p.add_argument("--sweep-dir", help="folder of the sweep's run directories (default runs/<sweep name>)")
     p.set_defaults(func=_launch_local_cli)
     return p

@@ -258,7 +258,9 @@ class Trainer:
                         metrics_file.write(json.dumps({"step": self.step, **scalars}) + "\n")
                         metrics_file.flush()
                     timer.reset()
-                monitor.advance(1, {"loss": f"{last_parts.get('loss', float('nan')):.4f}", "lr": f"{lr:.2e}"})
+                # the last logged loss (reduced over ranks); none before the first log step, not "nan"
+                shown = {"loss": f"{last_parts['loss']:.4f}"} if "loss" in last_parts else {}
+                monitor.advance(1, {**shown, "lr": f"{lr:.2e}"})
                 if out is not None and ((t.image_log_every and self.step % t.image_log_every == 0) or last):
                     monitor.images(self.step, self.objective.visualize(batch, out))
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:

@@ -97,5 +97,8 @@ def test_shipped_clip_config_trains_evaluates_and_exports(config, dims, request,
     assert main(["eval", "retrieval", str(run), "--val", val]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["i2t_r5"] == ev["pretrained"]["i2t_r5"] and got["t2i_r10"] == ev["pretrained"]["t2i_r10"]
-    meta = json.loads((run / "export" / "config.json").read_text())["medpretrain"]
+    from pretrain.tools.export.layout import export_meta
+
+    meta = export_meta(run / "export")  # 2D: the whole model for open_clip; 3D: the image tower for MONAI
     assert meta["objective"] == "clip" and meta["encoder"] == "image"
+    assert meta["target"] == {2: "open_clip", 3: "monai"}[dims]

@@ -47,6 +47,17 @@ def test_law_recovers_known_parameters_and_its_intervals_cover_them():
     assert fit.interval("alpha", 0.9)[1] - fit.interval("alpha", 0.9)[0] < 0.2
 
 
+def test_a_term_the_runs_cannot_identify_is_flagged_and_the_fit_stays_finite():
+    # the loss does not depend on N at all (as on the first 9-run CPU grid): no A / N^alpha to find
+    n, d = np.meshgrid(np.geomspace(1e6, 1e7, 3), np.geomspace(1e3, 1e5, 3))
+    n, d = n.ravel(), d.ravel()
+    loss = 0.8 + 0.4 / d ** 0.1
+    fit = fit_law(n, d, loss, grid=SMALL_GRID, bootstrap=0)
+    assert fit.unidentified and set(fit.unidentified) <= {"A", "alpha"}
+    assert all(np.isfinite(list(fit.params.values())))
+    assert np.allclose(predict(fit.params, n, d), loss, rtol=1e-3)
+
+
 def test_chinchilla_refit_recovers_the_published_replication():
     rows = read_table(CHINCHILLA)
     assert len(rows) == 245
@@ -61,6 +72,8 @@ def test_chinchilla_refit_recovers_the_published_replication():
     assert got["E"] == pytest.approx(1.817, abs=2e-3) and got["alpha"] == pytest.approx(0.347, abs=2e-3)
     assert got["beta"] == pytest.approx(0.367, abs=2e-3) and got["A"] == pytest.approx(477.8, rel=0.01)
     assert result["used"] == 240 and result["flops_model"]["gamma"] == pytest.approx(1.0)
+    # approach 2 on the same points, budgets found by grouping C: N* grows about as C^0.5 (Hoffmann et al.: 0.49)
+    assert 0.4 < result["isoflop"]["N_opt"]["exponent"] < 0.6
 
 
 def test_compute_optimal_matches_the_closed_form():
@@ -153,6 +166,17 @@ def test_plan_points_lie_on_their_isoflop_curves(tmp_path, capsys):
     sizes = {p["model"]: p["N"] for p in meta["points"]}
     assert sizes["nano"] < sizes["96x3"] < sizes["micro"]
     assert "model.embed_dim=96" in sweep.points[2].overrides and "model.num_heads=3" in sweep.points[2].overrides
+    # launch local runs it point by point, in the run directories launch slurm would use; collect reads the
+    # sweep folder and refuses the points not run yet
+    from pretrain.launch.local import sweep_point_overrides
+
+    overrides = sweep_point_overrides(str(out), 4, str(tmp_path / "runs"))
+    assert overrides[-1] == f"train.run_dir={tmp_path / 'runs' / sweep.points[4].name}"
+    assert "model.preset=micro" in overrides and "train.steps=" + str(meta["points"][4]["steps"]) in overrides
+    assert main(["scaling", "collect", str(tmp_path / "runs"), "--out", str(tmp_path / "t.csv")]) == 2
+    assert "6 run(s) not finished" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="points 0..5"):
+        sweep_point_overrides(str(out), 6, None)
     # bad input: one message, no traceback
     assert main(["scaling", "plan", "configs/demo.yaml", "--budgets", "1e3", "--models", "nano",
                  "--out", str(tmp_path / "x.yaml")]) == 2

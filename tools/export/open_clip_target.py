@@ -60,7 +60,7 @@ def _open_clip():
 
 
 def refusal(item: TrainedEncoder) -> str | None:
-    """Why this run cannot be an open_clip model, or None."""
+    """Why this run cannot be an open_clip model, or None (ExportError when open_clip is not installed)."""
     cfg, model = item.cfg, item.cfg.model
     if cfg.objective.name != "clip":
         return (f"open_clip holds image-text models; a {cfg.objective.name} run's encoder exports with "
@@ -86,8 +86,7 @@ def refusal(item: TrainedEncoder) -> str | None:
     if cfg.objective.text_pool not in _TEXT_POOLERS:
         return f"objective.text_pool={cfg.objective.text_pool!r}: open_clip's text adapter pools CLS or the mean"
     text = item.objective.text.transformer.config
-    from open_clip.hf_configs import arch_dict
-
+    arch_dict = _open_clip().hf_configs.arch_dict
     if text.model_type not in arch_dict or getattr(text, "is_encoder_decoder", False):
         return (f"text model type {text.model_type!r}: open_clip's Hugging Face adapter knows encoders of the types "
                 f"{', '.join(k for k in arch_dict if k not in ('mt5', 'm2m_100'))}")

@@ -84,11 +84,17 @@ def report(rows: list[dict], result: dict[str, Any], figures: list[Path], title:
     for name in NAMES:
         iv = law.get("intervals", {}).get(name)
         lines.append(f"| {name} | {_fmt(law['params'][name])} | " + (f"[{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else "—") + " |")
+    if law.get("unidentified"):
+        lines += ["", f"**Not identified by these runs**: {', '.join(law['unidentified'])} ended at a bound of the "
+                  "search (the runs' loss hardly depends on that term); read the law's other terms and the "
+                  "IsoFLOP minima, not its extrapolations."]
     fm = result["flops_model"]
     lines += ["", f"FLOPs per sample = {_fmt(fm['k'])} N^{fm['gamma']:.3f} (fitted to the runs); compute-optimal "
               "allocation at each budget:", "", "| budget C | N* | D* | L* |", "|---|---|---|---|"]
     for entry in result["compute_optimal"] + result["predictions"]:
-        lines.append(f"| {_fmt(entry['compute'])} | {_interval(entry['N'])} | {_interval(entry['D'])} | {_interval(entry['loss'])} |")
+        bound = " (at the search bound: no interior optimum)" if entry.get("at_search_bound") else ""
+        lines.append(f"| {_fmt(entry['compute'])} | {_interval(entry['N'])}{bound} | {_interval(entry['D'])} "
+                     f"| {_interval(entry['loss'])} |")
     iso = result["isoflop"]
     lines += ["", "## IsoFLOP parabolas (approach 2)", ""]
     for b in iso["budgets"]:

@@ -22,17 +22,25 @@ class Parabola:
     inside: bool  # the minimum lies within the sizes run at this budget
 
 
-def group_by_budget(rows: list[dict], loss_key: str) -> dict[float, list[dict]]:
-    """Runs by planned budget; without one, by C (runs within 2 % of each other share a budget)."""
+BUDGET_TOLERANCE = 0.25  # runs without a planned budget share one when their C is within e^0.25 = 1.28x
+
+
+def group_by_budget(rows: list[dict], loss_key: str, tolerance: float = BUDGET_TOLERANCE) -> dict[float, list[dict]]:
+    """Runs by planned budget; without one, by C: a run joins the first group whose smallest C is within
+    ``tolerance`` (in ln C) of its own; a group is then named by its geometric-mean C."""
     groups: dict[float, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["C"]):
         if r.get(loss_key) is None:
             continue
         key = r.get("budget")
         if key is None:
-            key = next((b for b in groups if abs(np.log(r["C"] / b)) < 0.02), r["C"])
+            key = next((b for b in groups if abs(np.log(r["C"] / b)) < tolerance), r["C"])
         groups.setdefault(float(key), []).append(r)
-    return groups
+    named = {}
+    for key, runs in groups.items():
+        planned = runs[0].get("budget") is not None
+        named[key if planned else float(np.exp(np.mean([np.log(r["C"]) for r in runs])))] = runs
+    return named
 
 
 def fit_parabola(budget: float, n: np.ndarray, loss: np.ndarray) -> Parabola | None:
@@ -76,13 +84,15 @@ def isoflop_fit(rows: list[dict], loss_key: str, *, bootstrap: int = 200, seed: 
                 level: float = 0.95) -> dict:
     """Parabolas per budget, N*(C) and D*(C) exponents with bootstrap intervals."""
     groups = group_by_budget(rows, loss_key)
+    members = {budget: [r.get("run") for r in runs] for budget, runs in groups.items()}
     k, gamma = flops_model([r["N"] for r in rows], [r["flops_per_sample"] for r in rows])
     budgets, n_opt, d_opt, parabolas = _optima(groups, loss_key, k, gamma)
     out: dict = {"flops_model": {"k": k, "gamma": gamma}, "budgets": [], "N_opt": None, "D_opt": None}
     for par in parabolas:
         if par is None:
             continue
-        out["budgets"].append({"budget": par.budget, "points": par.points, "coef": list(par.coef), "N_opt": par.n_opt,
+        out["budgets"].append({"budget": par.budget, "points": par.points, "runs": members[par.budget],
+                               "coef": list(par.coef), "N_opt": par.n_opt,
                                "loss_opt": par.loss_opt, "minimum_inside": par.inside,
                                "D_opt": par.budget / (k * par.n_opt ** gamma) if par.n_opt else None})
     n_law, d_law = _power_law(budgets, n_opt), _power_law(budgets, d_opt)

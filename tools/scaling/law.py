@@ -47,10 +47,22 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: n
     return loss, grad
 
 
+# (a, b, e, alpha, beta): wide enough for any published law (Chinchilla: a 6.2, b 7.7, alpha 0.35); without
+# bounds, runs whose loss hardly depends on N send A / N^alpha to inf / inf (seen on 9 CPU runs: alpha 63)
+BOUNDS = [(-20.0, 80.0), (-20.0, 80.0), (-10.0, 10.0), (0.0, 4.0), (0.0, 4.0)]
+_BOUND_NAMES = ("A", "B", "E", "alpha", "beta")
+
+
 def _minimise(start: np.ndarray, data: tuple, delta: float):
-    res = minimize(_objective, start, args=(*data, delta), jac=True, method="L-BFGS-B",
+    start = np.clip(start, [lo for lo, _ in BOUNDS], [hi for _, hi in BOUNDS])
+    res = minimize(_objective, start, args=(*data, delta), jac=True, method="L-BFGS-B", bounds=BOUNDS,
                    options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10})
     return res.fun, res.x
+
+
+def at_bounds(theta: np.ndarray, tol: float = 1e-6) -> list[str]:
+    """The parameters the fit pushed to a bound: the runs do not identify them."""
+    return [name for name, value, (lo, hi) in zip(_BOUND_NAMES, theta, BOUNDS) if value - lo < tol or hi - value < tol]
 
 
 def _best(starts: np.ndarray, data: tuple, delta: float) -> tuple[float, np.ndarray]:
@@ -80,6 +92,7 @@ class LawFit:
     huber: float = 0.0
     points: int = 0
     delta: float = 1e-3
+    unidentified: list[str] = field(default_factory=list)  # parameters at a bound of the search
 
     def interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
         values = np.array([s[name] for s in self.samples])
@@ -97,7 +110,7 @@ class LawFit:
 
     def to_dict(self, level: float = 0.95) -> dict:
         out = {"params": self.params, "huber_loss": self.huber, "points": self.points, "delta": self.delta,
-               "bootstrap": len(self.samples), "level": level}
+               "bootstrap": len(self.samples), "level": level, "unidentified": self.unidentified}
         if self.samples:
             out["intervals"] = {k: list(self.interval(k, level)) for k in NAMES}
         out["samples"] = self.samples
@@ -106,7 +119,7 @@ class LawFit:
     @classmethod
     def from_dict(cls, data: dict) -> "LawFit":
         return cls(dict(data["params"]), [dict(s) for s in data.get("samples", [])], data.get("huber_loss", 0.0),
-                   data.get("points", 0), data.get("delta", 1e-3))
+                   data.get("points", 0), data.get("delta", 1e-3), list(data.get("unidentified", [])))
 
 
 def one_blas_thread(fn):
@@ -136,7 +149,7 @@ def fit_law(n, d, loss, *, delta: float = 1e-3, grid: dict[str, list[float]] | N
     data = (np.log(n), np.log(d), np.log(loss))
     starts = grid_starts(grid or DEFAULT_GRID)
     value, theta = _best(starts, data, delta)
-    fit = LawFit(to_params(theta), huber=float(value), points=len(n), delta=delta)
+    fit = LawFit(to_params(theta), huber=float(value), points=len(n), delta=delta, unidentified=at_bounds(theta))
     rng = np.random.default_rng(seed)
     for _ in range(bootstrap):
         idx = rng.integers(0, len(n), len(n))
@@ -162,20 +175,24 @@ def compute_optimal(params: dict[str, float], compute: float, k: float, gamma: f
         d = compute / (k * np.exp(gamma * log_n))
         return float(predict(params, np.exp(log_n), d))
 
-    res = minimize_scalar(loss_at, bounds=(np.log(1e2), np.log(1e15)), method="bounded",
-                          options={"xatol": 1e-8, "maxiter": 500})
+    lo, hi = np.log(1e2), np.log(1e15)
+    res = minimize_scalar(loss_at, bounds=(lo, hi), method="bounded", options={"xatol": 1e-8, "maxiter": 500})
     n_opt = float(np.exp(res.x))
-    return {"N": n_opt, "D": compute / (k * n_opt ** gamma), "loss": float(res.fun)}
+    out = {"N": n_opt, "D": compute / (k * n_opt ** gamma), "loss": float(res.fun)}
+    if min(res.x - lo, hi - res.x) < 1e-3:
+        out["at_search_bound"] = True  # the law has no interior optimum: it keeps improving towards N = 1e2 / 1e15
+    return out
 
 
 def optimal_with_intervals(fit: LawFit, compute: float, k: float, gamma: float, level: float = 0.95) -> dict:
     """compute_optimal of the estimate, with bootstrap intervals on N*, D*, L*."""
     est = compute_optimal(fit.params, compute, k, gamma)
-    out = {"compute": compute, **{key: {"estimate": v} for key, v in est.items()}}
+    out = {"compute": compute, **{key: {"estimate": est[key]} for key in ("N", "D", "loss")},
+           "at_search_bound": bool(est.get("at_search_bound"))}
     if fit.samples:
         draws = [compute_optimal(s, compute, k, gamma) for s in fit.samples]
         q = (1 - level) / 2
-        for key in est:
+        for key in ("N", "D", "loss"):
             values = np.array([dr[key] for dr in draws])
             out[key]["interval"] = [float(np.quantile(values, q)), float(np.quantile(values, 1 - q))]
     return out

@@ -51,11 +51,7 @@ def make_plots(rows: list[dict], loss_key: str, fit: LawFit | None, isoflop: dic
         est, lo, hi = _frontier(fit, grid, k, gamma, level)
         ax.plot(grid, est, "k-", label="compute-optimal L*(C), fit")
         ax.fill_between(grid, lo, hi, color="k", alpha=0.12, label=f"{level:.0%} bootstrap interval")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel(loss_key.replace("_", " "))
-    ax.set_title("loss against compute")
-    ax.legend(fontsize=7)
+    _label(ax, "training compute C (FLOPs)", loss_key.replace("_", " "), "loss against compute")
     paths.append(_save(fig, out / "loss_vs_compute.png", plt))
 
     if isoflop and isoflop.get("budgets"):
@@ -64,23 +60,21 @@ def make_plots(rows: list[dict], loss_key: str, fit: LawFit | None, isoflop: dic
         tones = plt.cm.plasma(np.linspace(0, 0.8, len(budgets)))
         for tone, b in zip(tones, budgets):
             entry = next(e for e in isoflop["budgets"] if e["budget"] == b)
-            sel = np.array([abs(np.log(ci / b)) < 0.05 if r.get("budget") is None else r["budget"] == b
-                            for ci, r in zip(c, rows)])
+            sel = np.array([r.get("run") in entry["runs"] for r in rows])
             ax.scatter(n[sel], loss[sel], color=tone, zorder=3, label=f"C = {b:.2g}")
             x = np.linspace(np.log(n[sel].min()) - 0.3, np.log(n[sel].max()) + 0.3, 50)
             c0, c1, c2 = entry["coef"]
             ax.plot(np.exp(x), c0 + c1 * x + c2 * x ** 2, color=tone, lw=1)
             if entry["N_opt"]:
                 ax.plot([entry["N_opt"]], [entry["loss_opt"]], marker="*", ms=12, color=tone, mec="k")
-        ax.set_xscale("log")
-        ax.set_xlabel("non-embedding parameters N")
-        ax.set_ylabel(loss_key.replace("_", " "))
-        ax.set_title("IsoFLOP curves (star: parabola minimum)")
-        ax.legend(fontsize=7)
+        _label(ax, "non-embedding parameters N", loss_key.replace("_", " "), "IsoFLOP curves (star: parabola minimum)")
         paths.append(_save(fig, out / "isoflop.png", plt))
 
     if fit is not None:
-        pred = predict(fit.params, n, d)
+        with np.errstate(all="ignore"):
+            pred = predict(fit.params, n, d)
+        if not np.all(np.isfinite(pred)):
+            return paths  # a fit that overflowed has nothing to compare
         fig, ax = plt.subplots(figsize=(4.6, 4.2))
         ax.scatter(pred, loss, c=[colour[s] for s in n], zorder=3)
         lims = [min(pred.min(), loss.min()), max(pred.max(), loss.max())]
@@ -99,6 +93,15 @@ def make_plots(rows: list[dict], loss_key: str, fit: LawFit | None, isoflop: dic
         ax.set_title("residuals")
         paths.append(_save(fig, out / "residuals.png", plt))
     return paths
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """A log-x axis with its labels, title and legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -102,7 +102,7 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     rebuilt = build_objective(load_config(run / "config.yaml"))
     assert compute["flops_per_sample"] == pytest.approx(rebuilt.flops_per_sample())
     params = compute["params"]
-    assert params["encoder"] == "encoder" and params["total"] == sum(p.numel() for p in rebuilt.encoder.parameters())
+    assert params["encoder"] == "encoder" and params["total"] == sum(p.numel() for p in rebuilt.eval_bundle().headline[1].parameters())
     assert 0 < params["embedding"] < params["total"] == params["embedding"] + params["non_embedding"]
     # scaling collect reads the run, and refuses one that has not finished
     unfinished = tmp_path / "unfinished"

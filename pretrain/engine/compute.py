@@ -33,12 +33,16 @@ def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
 
 
 def compute_record(objective, cfg, steps: int, world_size: int) -> dict[str, Any]:
-    """The run's compute after ``steps`` optimizer steps and the parameters of its headline encoder."""
+    """The run's compute after ``steps`` optimizer steps and the parameters of its headline encoder (of the
+    whole objective when it has no encoder to evaluate)."""
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * world_size
     samples = steps * global_batch
     per_sample = float(objective.flops_per_sample())
     tokens = int(objective.tokens_per_sample())
-    name, encoder = objective.eval_bundle().headline
+    try:
+        name, encoder = objective.eval_bundle().headline
+    except NotImplementedError:  # an objective with nothing to evaluate: its own parameters
+        name, encoder = None, objective
     return {
         "flops_per_sample": per_sample, "tokens_per_sample": tokens, "global_batch": global_batch,
         "samples_seen": samples, "tokens_seen": samples * tokens, "compute_flops": per_sample * samples,

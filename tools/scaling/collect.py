@@ -21,9 +21,8 @@ COLUMNS = ("run", "model", "budget", "N", "N_total", "D", "C", "tokens", "flops_
 SMOOTH_FRACTION = 0.2  # smoothed_loss: the mean logged loss over the last 20% of the steps
 
 
-def _sweep_budgets(sweep_dir: Path) -> dict[str, float]:
-    """run directory name -> planned budget, from the sweep file's plan (when it has one)."""
-    info = json.loads((sweep_dir / "sweep.json").read_text())
+def _sweep_budgets(info: dict[str, Any]) -> dict[str, float]:
+    """run directory name -> planned budget, from the plan in the sweep file a ``sweep.json`` names."""
     try:
         plan = (yaml.safe_load(Path(info["sweep_file"]).read_text()) or {}).get("meta") or {}
     except OSError:
@@ -38,8 +37,8 @@ def run_dirs(paths: list[str | Path]) -> list[tuple[Path, float | None]]:
     for raw in paths:
         path = Path(raw)
         if (path / "sweep.json").is_file():
-            budgets = _sweep_budgets(path)
             info = json.loads((path / "sweep.json").read_text())
+            budgets = _sweep_budgets(info)
             found += [(path / r["name"], budgets.get(r["name"])) for r in info["runs"]]
         elif (path / "config.yaml").is_file() or (path / "summary.json").is_file():
             found.append((path, None))

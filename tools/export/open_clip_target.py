@@ -98,6 +98,13 @@ def _rgb_kernel(weight: torch.Tensor) -> torch.Tensor:
     return weight.repeat(1, 3, *([1] * (weight.ndim - 2))) / 3 if weight.shape[1] == 1 else weight
 
 
+# our block parameter names -> open_clip's (the qkv bias apart: open_clip always has one); LayerScale when present
+_BLOCK_NAMES = tuple((f"{ours}.{p}", f"{theirs}.{p}") for ours, theirs in (
+    ("norm1", "ln_1"), ("attn.proj", "attn.out_proj"), ("norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj")) for p in ("weight", "bias")) + (
+    ("attn.qkv.weight", "attn.in_proj_weight"), ("ls1.gamma", "ls_1.gamma"), ("ls2.gamma", "ls_2.gamma"))
+
+
 def _vit_visual(state: dict[str, torch.Tensor], model: ModelConfig, proj: torch.Tensor) -> dict[str, torch.Tensor]:
     pos = state["pos_embed"][0].clone()
     pos[1:] += state["patch_embed.proj.bias"]  # conv(x) + b + pos = conv(x) + (pos + b)
@@ -106,18 +113,8 @@ def _vit_visual(state: dict[str, torch.Tensor], model: ModelConfig, proj: torch.
            "proj": proj.t()}
     for i in range(model.depth):
         a, b = f"blocks.{i}.", f"transformer.resblocks.{i}."
-        qkv_bias = state.get(f"{a}attn.qkv.bias", torch.zeros(3 * model.embed_dim))
-        out.update({
-            f"{b}ln_1.weight": state[f"{a}norm1.weight"], f"{b}ln_1.bias": state[f"{a}norm1.bias"],
-            f"{b}attn.in_proj_weight": state[f"{a}attn.qkv.weight"], f"{b}attn.in_proj_bias": qkv_bias,
-            f"{b}attn.out_proj.weight": state[f"{a}attn.proj.weight"], f"{b}attn.out_proj.bias": state[f"{a}attn.proj.bias"],
-            f"{b}ln_2.weight": state[f"{a}norm2.weight"], f"{b}ln_2.bias": state[f"{a}norm2.bias"],
-            f"{b}mlp.c_fc.weight": state[f"{a}mlp.fc1.weight"], f"{b}mlp.c_fc.bias": state[f"{a}mlp.fc1.bias"],
-            f"{b}mlp.c_proj.weight": state[f"{a}mlp.fc2.weight"], f"{b}mlp.c_proj.bias": state[f"{a}mlp.fc2.bias"],
-        })
-        for ours, theirs in (("ls1", "ls_1"), ("ls2", "ls_2")):
-            if f"{a}{ours}.gamma" in state:
-                out[f"{b}{theirs}.gamma"] = state[f"{a}{ours}.gamma"]
+        out.update({b + theirs: state[a + ours] for ours, theirs in _BLOCK_NAMES if a + ours in state})
+        out[f"{b}attn.in_proj_bias"] = state.get(f"{a}attn.qkv.bias", torch.zeros(3 * model.embed_dim))
     return out
 
 
@@ -284,19 +281,9 @@ def to_ours(folder: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
            "norm.weight": weights["ln_post.weight"], "norm.bias": weights["ln_post.bias"]}
     for i in range(model.depth):
         a, b = f"blocks.{i}.", f"transformer.resblocks.{i}."
-        out.update({
-            f"{a}norm1.weight": weights[f"{b}ln_1.weight"], f"{a}norm1.bias": weights[f"{b}ln_1.bias"],
-            f"{a}attn.qkv.weight": weights[f"{b}attn.in_proj_weight"],
-            f"{a}attn.proj.weight": weights[f"{b}attn.out_proj.weight"], f"{a}attn.proj.bias": weights[f"{b}attn.out_proj.bias"],
-            f"{a}norm2.weight": weights[f"{b}ln_2.weight"], f"{a}norm2.bias": weights[f"{b}ln_2.bias"],
-            f"{a}mlp.fc1.weight": weights[f"{b}mlp.c_fc.weight"], f"{a}mlp.fc1.bias": weights[f"{b}mlp.c_fc.bias"],
-            f"{a}mlp.fc2.weight": weights[f"{b}mlp.c_proj.weight"], f"{a}mlp.fc2.bias": weights[f"{b}mlp.c_proj.bias"],
-        })
+        out.update({a + ours: weights[b + theirs] for ours, theirs in _BLOCK_NAMES if b + theirs in weights})
         if model.qkv_bias:
             out[f"{a}attn.qkv.bias"] = weights[f"{b}attn.in_proj_bias"]
-        for ours, theirs in (("ls1", "ls_1"), ("ls2", "ls_2")):
-            if f"{b}{theirs}.gamma" in weights:
-                out[f"{a}{ours}.gamma"] = weights[f"{b}{theirs}.gamma"]
     return out
 
 

@@ -29,6 +29,9 @@ RUNS = {
     "mae_demo_nano": ("configs/demo.yaml", ["optim.warmup_steps=2"]),
     "dino_demo_nano": ("configs/dino/demo.yaml", ["optim.warmup_steps=2", "objective.prototypes=128",
                                                   "objective.head_hidden_dim=64", "objective.head_bottleneck_dim=32"]),
+    # the Hamming loss is discrete: its curve pins the matchings, the affinity margins pin the features
+    "lvm_med_demo_nano": ("configs/lvm_med/demo.yaml", ["optim.warmup_steps=2", "objective.group_size=8",
+                                                        "objective.knn=3"]),
 }
 
 

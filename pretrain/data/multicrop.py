@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pretrain.data import augment
-from pretrain.data.transforms import check_spatial_dims, match_channels, random_flip, random_resized_crop, to_tensor
+from pretrain.data.transforms import check_spatial_dims, match_channels, random_flip_axes, random_resized_crop, to_tensor
 
 # Colour jitter strengths for RGB data (fundus, pathology), as in DINO's recipe.
 _COLOR_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, p=0.8)
@@ -58,6 +58,8 @@ class MultiCropSpec:
         self.global_size = _size(self.global_size, "global_size")
         self.local_size = _size(self.local_size, "local_size")
         n = len(self.global_size)
+        if len(self.local_size) != n and self.n_local == 0:
+            self.local_size = self.global_size  # unused without local crops: no need to spell it out for 3D
         if len(self.local_size) != n:
             raise ValueError(
                 f"MultiCropSpec.local_size {self.local_size} must have one entry per spatial axis, "
@@ -99,10 +101,20 @@ def _size(size, name: str) -> tuple[int, ...]:
     return size
 
 
-def _view(x: torch.Tensor, spec: MultiCropSpec, rng: np.random.Generator, size, scale, blur_p: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class CropPlace:
+    """Where a view came from: its box in the image, as fractions of each axis, and the axes it flipped."""
+
+    box: tuple[tuple[float, float], ...]  # (start, stop) per spatial axis, in [0, 1]
+    flipped: tuple[int, ...]  # spatial axes (0 = first) mirrored after the crop
+
+
+def _view(x: torch.Tensor, spec: MultiCropSpec, rng: np.random.Generator, size, scale,
+          blur_p: float) -> tuple[torch.Tensor, CropPlace]:
     n = len(size)
-    v, _ = random_resized_crop(x, size, rng, scale=scale)
-    v = random_flip(v, rng, [a % n for a in spec.flip_axes])
+    v, box = random_resized_crop(x, size, rng, scale=scale)
+    v, flipped = random_flip_axes(v, rng, [a % n for a in spec.flip_axes])
+    place = CropPlace(tuple((a / e, b / e) for (a, b), e in zip(box, x.shape[1:])), tuple(flipped))
     if spec.ct_windows:
         # Each view draws its own window, like colour jitter per view: the anatomy is the invariant, not the contrast.
         v = augment.random_ct_window(v, rng, spec.ct_windows, spec.ct_window_jitter)
@@ -115,7 +127,7 @@ def _view(x: torch.Tensor, spec: MultiCropSpec, rng: np.random.Generator, size, 
         v = augment.random_gamma(v, rng, spec.gamma_range, spec.gamma_p)
     v = augment.random_gaussian_blur(v, rng, spec.blur_sigma, blur_p)
     v = augment.random_gaussian_noise(v, rng, spec.noise_std, spec.noise_p)
-    return v.contiguous()
+    return v.contiguous(), place
 
 
 def multi_crop(
@@ -125,9 +137,11 @@ def multi_crop(
     channels: int,
     intensity: str = "zscore",
     key: str = "?",
+    places: bool = False,
 ) -> dict:
     """One image ``(C, *spatial)`` -> ``{"global_crops": [Tensor (channels, *global_size)] * n_global,
-    "local_crops": [Tensor (channels, *local_size)] * n_local}``.
+    "local_crops": [Tensor (channels, *local_size)] * n_local}``, and with ``places`` also
+    ``"global_places"`` / ``"local_places"``: each crop's :class:`CropPlace`.
 
     With the default ``blur_p`` global crop 1 is always blurred, the other globals rarely, locals half the time.
     """
@@ -142,7 +156,10 @@ def multi_crop(
         for i in range(spec.n_global)
     ]
     locals_ = [_view(x, spec, rng, spec.local_size, spec.local_scale, p_local) for _ in range(spec.n_local)]
-    return {"global_crops": globals_, "local_crops": locals_}
+    out = {"global_crops": [v for v, _ in globals_], "local_crops": [v for v, _ in locals_]}
+    if places:
+        out.update(global_places=[p for _, p in globals_], local_places=[p for _, p in locals_])
+    return out
 
 
 def collate_crops(samples: list[dict]) -> dict:

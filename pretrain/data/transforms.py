@@ -102,8 +102,14 @@ def random_resized_crop(
 
 def random_flip(x: torch.Tensor, rng: np.random.Generator, axes: Sequence[int], p: float = 0.5) -> torch.Tensor:
     """Flip each listed spatial axis (0 = first spatial axis) with probability ``p``."""
-    flip = [a + 1 for a in axes if rng.random() < p]
-    return torch.flip(x, dims=flip) if flip else x
+    return random_flip_axes(x, rng, axes, p)[0]
+
+
+def random_flip_axes(x: torch.Tensor, rng: np.random.Generator, axes: Sequence[int],
+                     p: float = 0.5) -> tuple[torch.Tensor, list[int]]:
+    """:func:`random_flip` that also says which spatial axes it flipped."""
+    flipped = [a for a in axes if rng.random() < p]
+    return (torch.flip(x, dims=[a + 1 for a in flipped]) if flipped else x), flipped
 
 
 def augmented_view(sample: dict, rng: np.random.Generator, size: Sequence[int], channels: int, intensity: str,

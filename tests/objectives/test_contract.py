@@ -21,7 +21,8 @@ from pretrain.optim.param_groups import apply_scales, layer_decay_groups
 from pretrain.optim.schedules import Schedule
 
 CONFIGS = {"mae": ("configs/demo.yaml", []), "dino": ("configs/dino/demo.yaml", []),
-           "dino_resnet": ("configs/dino/demo.yaml", ["model.name=timm:resnet18", "objective.ibot_weight=0"])}
+           "dino_resnet": ("configs/dino/demo.yaml", ["model.name=timm:resnet18", "objective.ibot_weight=0"]),
+           "lvm_med": ("configs/lvm_med/demo.yaml", ["objective.group_size=2", "objective.knn=1", "data.batch_size=2"])}
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))

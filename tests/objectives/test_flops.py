@@ -61,7 +61,19 @@ CASES = {
                                              "model.img_size=32", "model.kwargs={conv1_t_stride: 2}",
                                              "objective.ibot_weight=0", "objective.crops.global_size=[24,24,24]",
                                              "objective.crops.local_size=[16,16,16]"), (1, 32, 32, 32)),
+    "lvm_med_vit": (lambda: _lvm("model.preset=nano", "model.img_size=32", "model.patch_size=8"), (1, 48, 48)),
+    "lvm_med_vit_linear_mlp_projector": (lambda: _lvm("model.preset=nano", "model.img_size=32", "model.patch_size=8",
+                                                      "objective.second_order=false",
+                                                      "objective.projector_layers=2"), (1, 48, 48)),
+    "lvm_med_timm_resnet18": (lambda: _lvm("model.name=timm:resnet18", "model.img_size=64",
+                                           "objective.views.global_size=[64,64]"), (1, 64, 64)),
 }
+
+
+def _lvm(*overrides: str):
+    return load_config(None, ["objective.name=lvm_med", "model.in_chans=1", f"data.batch_size={BATCH}",
+                              f"objective.group_size={BATCH}", "objective.knn=2", "objective.views.global_size=[32,32]",
+                              *overrides])
 
 
 def _clip(text_model, *overrides: str):

@@ -171,3 +171,20 @@ def test_bench_shards_converts_built_dicom_series_per_worker_count(tmp_path, cap
     assert [r["workers"] for r in result["runs"]] == [1, 2]
     assert all(r["files_per_s"] > 0 and r["mb_per_s"] > 0 for r in result["runs"])
     assert "files/s" in capsys.readouterr().out
+
+
+def test_bench_lvm_solver_reports_gaps_recovery_and_cost(tmp_path, capsys):
+    out = tmp_path / "lvm.json"
+    assert main(["bench", "lvm-solver", "model.preset=nano", "--sizes", "4,16", "--instances", "6", "--restarts", "2",
+                 "--sigmas", "0.25", "--batch-sizes", "16,32", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["n"]: r for r in result["optimality"]["rows"] if r["instances"] == "training_like"}
+    assert rows[4]["reference"].startswith("exact") and "restarts" in rows[16]["reference"]
+    for row in result["optimality"]["rows"]:
+        assert row["solver"]["mean_gap"] >= -1e-12  # never above the exact optimum or the stronger search
+        assert row["solver"]["mean_gap"] <= row["linear_assignment_only"]["mean_gap"]
+    assert result["planted"]["rows"][0]["recovered"] == 1.0  # little noise: every order recovered
+    cost = result["step_cost"]
+    assert [r["batch_size"] for r in cost["rows"]] == [16, 32] and cost["linear_fit"]["step_s"]["seconds_per_sample"] > 0
+    assert "planted matchings" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``pretrain bench {data,step,kernels,shards}``: benchmarks that write JSON results."""
+"""``pretrain bench {data,step,kernels,shards,lvm-solver}``: benchmarks that write JSON results."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pretrain.tools.bench import common
-from pretrain.tools.bench.common import (DEFAULT_CONFIG, BenchInputError, default_out, load_average, new_result,
+from pretrain.tools.bench.common import (DEFAULT_CONFIG, LVM_CONFIG, BenchInputError, default_out, load_average, new_result,
                                          recorded_path, write_result)
 from pretrain.tools.cli.args import positive_number
 
@@ -112,9 +112,34 @@ def _bench_shards(args: argparse.Namespace) -> int:
     return _record(args, "shards", result, load_before, print_shards_summary)
 
 
+@_reported
+def _bench_lvm_solver(args: argparse.Namespace) -> int:
+    from pretrain.tools.bench.lvm_solver import print_lvm_solver_summary, run_lvm_solver_bench
+
+    load_before = load_average()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_lvm_solver_bench(config=args.config, overrides=args.overrides, sizes=args.sizes,
+                                  instances=args.instances, restarts=args.restarts, sigmas=args.sigmas,
+                                  batch_sizes=args.batch_sizes, repeats=args.repeats, seed=args.seed)
+    return _record(args, "lvm-solver", result, load_before, print_lvm_solver_summary)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 0")
+    return values
+
+
 def add_bench_parser(subparsers: Any) -> Any:
-    """Register ``pretrain bench {data,step,kernels,shards}`` on an argparse subparsers object; returns the group."""
-    parser = subparsers.add_parser("bench", help="benchmark the data loaders or the trainer's step overhead",
+    """Register ``pretrain bench {data,step,kernels,shards,lvm-solver}`` on an argparse subparsers object; returns the group."""
+    parser = subparsers.add_parser("bench", help="benchmark the data loaders, the trainer's step overhead, kernels, shard conversion, LVM-Med's solver",
                                    description=common.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="bench_command", required=True)
 
@@ -172,4 +197,22 @@ def add_bench_parser(subparsers: Any) -> Any:
     shards.add_argument("--repeats", type=positive_number(int), default=2, help="conversions per setting (default: 2)")
     shards.add_argument("--out", help="JSON result path (default: benchmarks/bench-shards-<device>.json)")
     shards.set_defaults(func=_bench_shards)
+
+    lvm = actions.add_parser("lvm-solver", help="LVM-Med's QAP solver: optimality gap, planted recovery, cost per batch")
+    lvm.add_argument("overrides", nargs="*", help="dotted config overrides (objective.solver.*, model.*)")
+    lvm.add_argument("--config", default=str(LVM_CONFIG), help="LVM-Med run config (default: configs/lvm_med/demo.yaml)")
+    lvm.add_argument("--sizes", type=_int_list(), default=[4, 6, 8, 16],
+                     help="group sizes n; exact optimum by enumeration up to 8 (default: 4,6,8,16)")
+    lvm.add_argument("--instances", type=positive_number(int), default=100, help="instances per setting (default: 100)")
+    lvm.add_argument("--restarts", type=positive_number(int), default=50,
+                     help="random restarts of the stronger search for n > 8 (default: 50)")
+    lvm.add_argument("--sigmas", type=_float_list, default=[0.25, 0.5, 1.0, 1.5, 2.0],
+                     help="noise of the planted matchings' second view (default: 0.25,0.5,1,1.5,2)")
+    lvm.add_argument("--batch-sizes", type=_int_list(), default=[16, 32, 64, 128, 256],
+                     help="per-rank batch sizes whose step cost is measured (default: 16,32,64,128,256)")
+    lvm.add_argument("--repeats", type=positive_number(int), default=3, help="timed steps per batch size (default: 3)")
+    lvm.add_argument("--threads", type=positive_number(int), help="torch threads (default: torch's default)")
+    lvm.add_argument("--seed", type=int, default=0, help="seed of the instances (default: 0)")
+    lvm.add_argument("--out", help="JSON result path (default: benchmarks/bench-lvm-solver-<device>.json)")
+    lvm.set_defaults(func=_bench_lvm_solver)
     return actions

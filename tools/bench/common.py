@@ -1,10 +1,11 @@
-"""``pretrain bench {data,step,kernels}``: throughput benchmarks that write JSON results.
+"""``pretrain bench {data,step,kernels,shards,lvm-solver}``: benchmarks that write JSON results.
 
 Every result holds the device, the library versions, the config and shapes
 measured, the raw timings of every repeat and the summary numbers, and is
 written to ``benchmarks/bench-<name>-<device>.json`` unless ``--out`` says
 otherwise. The measurements live in :mod:`pretrain.tools.bench.data`,
-:mod:`pretrain.tools.bench.step` and :mod:`pretrain.tools.bench.kernels`; this module holds the command line and the shared
+:mod:`pretrain.tools.bench.step`, :mod:`pretrain.tools.bench.kernels`, :mod:`pretrain.tools.bench.shards` and
+:mod:`pretrain.tools.bench.lvm_solver`; this module holds the command line and the shared
 reporting.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+LVM_CONFIG = REPO_ROOT / "configs" / "lvm_med" / "demo.yaml"
 VERSIONED_PACKAGES = ("torch", "deepspeed", "webdataset", "timm", "numpy")
 
 

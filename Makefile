@@ -15,6 +15,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# Hugging Face's `kernels` (pulled in by transformers 5.25, now excluded in setup.py) breaks building this
+	@# package from its checkout, whose kernels/ folder takes that name: remove it from venvs made meanwhile
+	$(PY) -m pip uninstall --quiet --yes kernels 2>/dev/null || true
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -37,7 +37,10 @@ setup(
         "pydicom>=3.0,<4",
         "nibabel>=5.0,<6",
         # text towers for CLIP-style image-report objectives; the demo's WordPiece tokenizer and BERT
-        "transformers>=4.45,<6",
+        # <5.25: from 5.25 transformers requires Hugging Face's `kernels` package and imports it at start-up;
+        # run from this checkout (python -m, tests, building the wheel: its setuptools hook loads
+        # kernels._internals) the repository's kernels/ folder is found under that name instead and breaks it
+        "transformers>=4.45,<5.25",
         "tokenizers>=0.20,<1",
         "huggingface-hub>=0.24,<3",  # pretrain export push (transformers needs it too)
         # pretrain scaling: L-BFGS fits, BLAS held to one thread during them, the study's figures

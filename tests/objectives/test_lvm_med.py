@@ -18,10 +18,10 @@ def _cfg(*overrides: str):
                               "objective.views.global_size=[32,32]", *overrides])
 
 
-def _batch(objective, n: int = 16, size: int = 48, seed: int = 0) -> dict:
+def _batch(objective, n: int = 16, shape: tuple[int, ...] = (1, 48, 48), seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     recipe = objective.data_recipe()
-    samples = [{"image": rng.integers(0, 4096, size=(1, size, size)).astype(np.uint16), "__key__": f"s{i}",
+    samples = [{"image": rng.integers(0, 4096, size=shape).astype(np.uint16), "__key__": f"s{i}",
                 "__seed__": i} for i in range(n)]
     return recipe.collate([recipe.transform(s) for s in samples])
 
@@ -64,17 +64,24 @@ def test_views_carry_the_box_and_flips_that_place_their_cells():
     assert flipped_any
 
 
-@pytest.mark.parametrize("backbone", ["vit", "timm:resnet18"])
+BACKBONES = {
+    "vit": [],
+    "timm:resnet18": ["model.name=timm:resnet18", "model.img_size=64", "objective.views.global_size=[64,64]"],
+    "vit_3d": ["model.spatial_dims=3", "objective.views.global_size=[16,16,16]", "model.img_size=16"],
+}
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_gradients_reach_the_encoders_first_layer(backbone: str):
-    overrides = [] if backbone == "vit" else [f"model.name={backbone}", "model.img_size=64",
-                                             "objective.views.global_size=[64,64]"]
     torch.manual_seed(0)
-    objective = build_objective(_cfg(*overrides))
-    out = objective(_batch(objective, size=80))
+    objective = build_objective(_cfg(*BACKBONES[backbone]))
+    shape = (1, 20, 20, 20) if backbone == "vit_3d" else (1, 80, 80)
+    out = objective(_batch(objective, shape=shape))
     assert 0.0 <= out["loss"].item() <= 1.0
     assert out["match_accuracy"].item() == pytest.approx(1.0 - out["loss"].item())
     out["loss"].backward()
-    first = objective.backbone.patch_embed.proj.weight if backbone == "vit" else objective.backbone.net.conv1.weight
+    vit = backbone.startswith("vit")
+    first = objective.backbone.patch_embed.proj.weight if vit else objective.backbone.net.conv1.weight
     assert first.grad is not None and first.grad.abs().sum() > 0
     for part in (objective.projector, objective.gcn):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())

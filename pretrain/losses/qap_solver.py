@@ -142,11 +142,11 @@ def polish_by_swaps(K: torch.Tensor, perm: torch.Tensor, passes: int) -> torch.T
     pairs = _swap_pairs(n, perm.device)
     C = pairs.shape[0]
     groups = torch.arange(G, device=perm.device)[:, None]
+    cand = torch.arange(C, device=perm.device)[None, :]
+    first, second = pairs[:, 0][None, :], pairs[:, 1][None, :]
     current = qap_score(K, perm)
     for _ in range(passes):
         candidates = perm.unsqueeze(1).repeat(1, C, 1)  # (G, C, n)
-        cand = torch.arange(C, device=perm.device)[None, :]
-        first, second = pairs[:, 0][None, :], pairs[:, 1][None, :]
         candidates[groups, cand, first] = perm[:, pairs[:, 1]]
         candidates[groups, cand, second] = perm[:, pairs[:, 0]]
         scores = qap_score(K, candidates)  # (G, C)
@@ -177,6 +177,7 @@ def solve_qap(vertex: torch.Tensor, edge: torch.Tensor | None, solver: QAPSolver
     # Three roundings, each polished, the best kept: the relaxation's; the vertex costs' alone; and the
     # linearisation of the score at the uniform doubly stochastic point (each pair's total affinity).
     scores = torch.cat([relaxed, vertex.detach().double(), K.sum(dim=2).reshape(G, n, n)])
-    perms = polish_by_swaps(K.repeat(3, 1, 1), linear_assignment(scores), solver.swap_passes)
-    best = qap_score(K.repeat(3, 1, 1), perms).reshape(3, G).argmax(dim=0)  # first of equals: deterministic
+    K3 = K.repeat(3, 1, 1)
+    perms = polish_by_swaps(K3, linear_assignment(scores), solver.swap_passes)
+    best = qap_score(K3, perms).reshape(3, G).argmax(dim=0)  # first of equals: deterministic
     return perms.reshape(3, G, n)[best, torch.arange(G, device=K.device)]

@@ -187,4 +187,5 @@ def test_bench_lvm_solver_reports_gaps_recovery_and_cost(tmp_path, capsys):
     assert result["planted"]["rows"][0]["recovered"] == 1.0  # little noise: every order recovered
     cost = result["step_cost"]
     assert [r["batch_size"] for r in cost["rows"]] == [16, 32] and cost["linear_fit"]["step_s"]["seconds_per_sample"] > 0
+    assert cost["config"] == "configs/lvm_med/demo.yaml"  # relative to the repository, no local path
     assert "planted matchings" in capsys.readouterr().out

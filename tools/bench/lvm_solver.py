@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pretrain.losses.assignment import linear_assignment
+from pretrain.tools.bench.common import recorded_path
 from pretrain.losses.graph_affinity import edge_affinity, edge_mask, knn_adjacency, vertex_cosine
 from pretrain.losses.qap_solver import QAPSolver, affinity_matrix, polish_by_swaps, qap_score, solve_qap
 
@@ -193,7 +194,7 @@ def step_cost(config: str, overrides: list[str], batch_sizes: list[int], repeats
         pred = slope * xs + intercept
         r2 = 1 - ((ys - pred) ** 2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-30)
         fits[key] = {"seconds_per_sample": float(slope), "intercept_s": float(intercept), "r_squared": float(r2)}
-    return {"config": config, "overrides": overrides, "threads": torch.get_num_threads(), "rows": rows,
+    return {"config": recorded_path(config), "overrides": overrides, "threads": torch.get_num_threads(), "rows": rows,
             "linear_fit": fits}
 
 

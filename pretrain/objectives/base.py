@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
+from pretrain.config.typed import ConfigError
 from pretrain.models.encoder import Encoder
 from pretrain.optim.param_groups import decay_groups
 from pretrain.optim.schedules import Schedule
@@ -184,3 +185,24 @@ class Objective(nn.Module):
     def log_scalars(self) -> dict[str, float]:
         """Extra per-step scalars the method wants logged."""
         return {}
+
+
+# --- shared by objectives -------------------------------------------------------------------
+def check_view_fits_patches(key: str, size: tuple[int, ...], backbone: nn.Module) -> None:
+    """ConfigError naming ``key`` unless a view of ``size`` tiles into the backbone's patches (ViT only)."""
+    patch = getattr(backbone, "patch_size", None)
+    if patch is not None and (len(size) != len(patch) or any(s % p for s, p in zip(size, patch))):
+        raise ConfigError(f"config key '{key}': {list(size)} must have one size per spatial axis "
+                          f"({len(patch)}), each a multiple of the patch {list(patch)}")
+
+
+def load_init_weights(backbone: nn.Module, source: str, model_name: str) -> dict | None:
+    """``objective.init_from``: load ViT weights from ``source`` into ``backbone``; the load report, or None
+    without a source."""
+    if not source:
+        return None
+    if model_name != "vit":
+        raise ConfigError(f"config key 'objective.init_from': loads ViT weights; model.name is {model_name!r}")
+    from pretrain.models.pretrained import load_pretrained
+
+    return load_pretrained(backbone, source)

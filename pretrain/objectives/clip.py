@@ -42,7 +42,7 @@ from pretrain.losses.siglip_loss import siglip_loss
 from pretrain.models.backbones import build_backbone
 from pretrain.models.encoder import eval_mode, pooled_width
 from pretrain.models.text_tower import TextTower, load_tokenizer
-from pretrain.objectives.base import BuildContext, DataRecipe, EvalBundle, Objective
+from pretrain.objectives.base import BuildContext, DataRecipe, EvalBundle, Objective, load_init_weights
 
 NAME = "clip"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -185,13 +185,7 @@ class CLIP(Objective):
                                   f"{run_cfg.model.name!r} has none (set it to 0 or model.name=vit)")
             n = math.prod(self.image.grid_size(self.img_size))
             self.len_keep = max(1, int(round(n * (1 - cfg.mask_ratio))))
-        if cfg.init_from:
-            if run_cfg.model.name != "vit":
-                raise ConfigError("config key 'objective.init_from': loads ViT weights; "
-                                  f"model.name is {run_cfg.model.name!r}")
-            from pretrain.models.pretrained import load_pretrained
-
-            self.init_report = load_pretrained(self.image, cfg.init_from)
+        self.init_report = load_init_weights(self.image, cfg.init_from, run_cfg.model.name)
         if cfg.lock_image:
             self.image.requires_grad_(False)
         self.image_proj = nn.Linear(pooled_width(self.image, cfg.image_pool), cfg.embed_dim, bias=False)

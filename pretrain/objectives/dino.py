@@ -49,7 +49,8 @@ from pretrain.losses.koleo_loss import koleo_loss
 from pretrain.models.ema import EMATeacher, merge_rank_states
 from pretrain.models.backbones import build_backbone
 from pretrain.models.heads import DINOHead
-from pretrain.objectives.base import BuildContext, DataRecipe, EvalBundle, Objective
+from pretrain.objectives.base import (BuildContext, DataRecipe, EvalBundle, Objective, check_view_fits_patches,
+                                      load_init_weights)
 from pretrain.optim.schedules import Schedule
 
 NAME = "dino"
@@ -162,21 +163,11 @@ class DINO(Objective):
         if self.use_ibot and not backbone.supports_token_mask:
             raise ConfigError(f"config key 'objective.ibot_weight': iBOT masks patch tokens, which "
                               f"{run_cfg.model.name!r} has none of; set objective.ibot_weight=0 (or model.name=vit)")
-        if self.cfg.init_from and run_cfg.model.name != "vit":
-            raise ConfigError("config key 'objective.init_from': continued pretraining loads ViT weights; "
-                              f"model.name is {run_cfg.model.name!r}")
-        patch = getattr(backbone, "patch_size", None)
-        if patch is not None:
-            for name, size in (("global_size", crops.global_size), ("local_size", crops.local_size)):
-                if len(size) != len(patch) or any(s % p for s, p in zip(size, patch)):
-                    raise ValueError(f"objective.crops.{name} {list(size)} must have one size per spatial axis "
-                                     f"({len(patch)}), each a multiple of the patch {list(patch)}")
+        for name, size in (("global_size", crops.global_size), ("local_size", crops.local_size)):
+            check_view_fits_patches(f"objective.crops.{name}", size, backbone)
         self.global_grid = backbone.grid_size(crops.global_size)
         self.prefix = backbone.num_prefix_tokens
-        if self.cfg.init_from:
-            from pretrain.models.pretrained import load_pretrained
-
-            self.init_report = load_pretrained(backbone, self.cfg.init_from)
+        self.init_report = load_init_weights(backbone, self.cfg.init_from, run_cfg.model.name)
         self.student = _Tower(backbone, self.cfg)
         # The teacher starts as the student; it needs no stochastic depth (it never trains).
         self.teacher = copy.deepcopy(self.student)

@@ -46,7 +46,8 @@ from pretrain.losses.matching_loss import blackbox_matching_loss
 from pretrain.losses.qap_solver import QAPSolver
 from pretrain.models.backbones import build_backbone
 from pretrain.models.gcn import GCN
-from pretrain.objectives.base import BuildContext, DataRecipe, EvalBundle, Objective
+from pretrain.objectives.base import (BuildContext, DataRecipe, EvalBundle, Objective, check_view_fits_patches,
+                                      load_init_weights)
 from pretrain.optim.schedules import Schedule
 
 NAME = "lvm_med"
@@ -170,18 +171,9 @@ class LVMMed(Objective):
             raise ConfigError(f"config key 'data.batch_size': LVM-Med splits each rank's batch into graphs of "
                               f"objective.group_size={n} images; {run_cfg.data.batch_size} is not a multiple of {n}")
         self.backbone = build_backbone(run_cfg.model)
-        if self.cfg.init_from:
-            if run_cfg.model.name != "vit":
-                raise ConfigError("config key 'objective.init_from': loads ViT weights; model.name is "
-                                  f"{run_cfg.model.name!r}")
-            from pretrain.models.pretrained import load_pretrained
-
-            self.init_report = load_pretrained(self.backbone, self.cfg.init_from)
+        self.init_report = load_init_weights(self.backbone, self.cfg.init_from, run_cfg.model.name)
         size = self.cfg.views.global_size
-        patch = getattr(self.backbone, "patch_size", None)
-        if patch is not None and (len(size) != len(patch) or any(s % p for s, p in zip(size, patch))):
-            raise ConfigError(f"config key 'objective.views.global_size': {list(size)} must have one size per "
-                              f"spatial axis ({len(patch)}), each a multiple of the patch {list(patch)}")
+        check_view_fits_patches("objective.views.global_size", size, self.backbone)
         self.grid = self.backbone.grid_size(size)
         self.cells = math.prod(self.grid)
         self.gamma = local_pairs_for(self.cells, self.cfg.local_pairs)

@@ -106,7 +106,8 @@ def test_code_never_imports_the_repository_folders_as_top_level_names():
 
 
 # Distribution name -> import name, where they differ.
-IMPORT_NAMES = {"pyyaml": "yaml", "pillow": "PIL", "pytest-timeout": None, "open_clip_torch": "open_clip"}
+IMPORT_NAMES = {"pyyaml": "yaml", "pillow": "PIL", "pytest-timeout": None, "open_clip_torch": "open_clip",
+                "scikit-learn": "sklearn"}
 # Declared but imported by another dependency, never by us: each with the reason it is declared.
 INDIRECT = {
     "torchvision": "timm needs it, and it must be the build that matches torch",

@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.codec import decode_sample
@@ -329,5 +330,8 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False,
     if num_workers != stream.num_workers:
         raise ValueError(f"make_loader(num_workers={num_workers}) but the stream was built with "
                          f"num_workers={stream.num_workers}; they define the shard split and must match")
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+    # Its own generator: the iterator draws its workers' base seed from it, and from the global RNG without one,
+    # which a resumed run restores before the loader exists: drop path would then draw one number off from then on.
+    generator = torch.Generator().manual_seed(derive_seed("loader", stream.seed, stream.rank))
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=generator,
                       prefetch_factor=prefetch_factor if num_workers > 0 else None, in_order=True)

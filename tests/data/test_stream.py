@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from pretrain.data.codec import encode_sample
@@ -147,6 +148,15 @@ def test_resume_is_exact(shards, tmp_path, case):
         assert max(e for b in reference for e in b["epoch"]) == 1
     if case == "mixture":
         assert {s for b in reference for s in b["source"]} == {"a", "b"}
+
+
+def test_the_loader_leaves_the_global_rng_alone(shards):
+    """A resumed run restores the global RNG before it builds its loader; drawing from it there would shift
+    every later drop-path / dropout draw against the uninterrupted run."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    take(make_loader(make_stream(shards), 0), 2)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_position_round_trip_and_refusals(shards):

@@ -72,3 +72,49 @@ def evaluate_image_text(bundle, spec: str | list[str], view: Callable[[dict], to
         result.update(recall_at_k(images[paired], reports))
         result["retrieval_pairs"] = len(reported)
     return result
+
+
+def retrieval_hits(image_NE: torch.Tensor, text_NE: torch.Tensor, ks: Sequence[int] = RECALL_AT) -> dict[str, torch.Tensor]:
+    """Per query, whether its own pair is among the K most similar: ``i2t_r<K>`` and ``t2i_r<K>``, (N,) bool."""
+    sim = F.normalize(image_NE.float(), dim=1) @ F.normalize(text_NE.float(), dim=1).T
+    out = {}
+    for direction, s in (("i2t", sim), ("t2i", sim.T)):
+        # rank of the positive: how many candidates score strictly higher than it
+        rank = (s > s.diagonal()[:, None]).sum(1)
+        for k in ks:
+            out[f"{direction}_r{k}"] = rank < k
+    return out
+
+
+def image_text_predictions(bundle, spec, view: Callable[[dict], torch.Tensor], protocols: Sequence[str], *,
+                           batch_size: int) -> dict:
+    """``zeroshot`` (class-prompt similarities as scores) and ``retrieval`` (Recall@K over the samples that
+    carry a report) as :class:`pretrain.eval.protocols.Prediction` s, streamed from ``spec``."""
+    import numpy as np
+
+    from pretrain.eval.features import stream_features
+    from pretrain.eval.metrics import metrics_for
+    from pretrain.eval.protocols import Prediction
+
+    fs = stream_features(lambda x: {"emb": bundle.embed_image(x)}, spec, view, batch_size=batch_size, texts=True)
+    images, out = fs.features["emb"], {}
+    if "zeroshot" in protocols:
+        if fs.multi_label or not fs.label_names:
+            raise ValueError(f"{spec!r}: zero-shot needs single labels with their names (meta 'label_name')")
+        classes = class_embeddings(bundle.embed_text, bundle.class_prompts(fs.label_names))
+        sims = (F.normalize(images, dim=1) @ classes.T).double().numpy()
+        y = fs.labels.numpy()
+        out["zeroshot"] = Prediction(lambda idx: metrics_for("single", y[idx], sims[idx]), len(fs),
+                                     {"classes": fs.label_names}, groups=fs.groups)
+    if "retrieval" in protocols:
+        rows = [i for i, t in enumerate(fs.texts) if t]
+        if not rows:
+            raise ValueError(f"{spec!r}: retrieval needs reports (.txt) on the samples; none has one")
+        reports = map_over_ranks([fs.texts[i] for i in rows], batch_size,
+                                 lambda texts: {"emb": bundle.embed_text(texts).float()})["emb"]
+        reports = reports[torch.argsort(torch.tensor(split_order(len(rows))))]  # back to row order
+        hits = {k: v.double().numpy() for k, v in retrieval_hits(images[rows], reports).items()}
+        out["retrieval"] = Prediction(lambda idx: {k: float(v[idx].mean()) for k, v in hits.items()}, len(rows),
+                                      {"pairs": len(rows), "chance_r1": 1 / len(rows)},
+                                      groups=None if fs.groups is None else [fs.groups[i] for i in rows])
+    return out

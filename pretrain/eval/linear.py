@@ -30,13 +30,19 @@ class ProbeResult:
     selection_accuracy: float  # on the held-out part of the training set, where the choice was made
 
 
-def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
     return [(t - mean) / std for t in (train, *others)]
 
 
-def fit_logistic(x_NF: torch.Tensor, y_N: torch.Tensor, num_classes: int, weight_decays, max_iter: int = 300):
-    """(W (G, F, C), b (G, C)): one multinomial logistic regression per weight decay, fitted together."""
+def fit_logistic(x_NF: torch.Tensor, y_N: torch.Tensor, num_classes: int, weight_decays, max_iter: int = 300,
+                 *, multi_label: bool = False, class_weight: torch.Tensor | None = None):
+    """(W (G, F, C), b (G, C)): one logistic regression per weight decay, fitted together.
+
+    Single-label: multinomial (softmax cross-entropy), ``class_weight`` (C,) weighting each sample by its
+    class (for imbalanced sets). Multi-label: ``y_N`` is (N, C) multi-hot, one binary logistic regression
+    per label (mean binary cross-entropy over labels).
+    """
     x = x_NF.double()
     wd = torch.tensor(list(weight_decays), dtype=torch.float64)
     G, (N, Fdim) = len(wd), x.shape
@@ -44,18 +50,33 @@ def fit_logistic(x_NF: torch.Tensor, y_N: torch.Tensor, num_classes: int, weight
     b = torch.zeros(G, num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
-    targets = y_N.repeat(G)
+    if multi_label:
+        targets = y_N.double()[None].expand(G, -1, -1)
+    else:
+        targets = y_N.repeat(G)
+        weight = None if class_weight is None else class_weight.double()[y_N]
+        weight = None if weight is None else weight / weight.mean()
 
     def closure():
         opt.zero_grad()
         logits = torch.einsum("nf,gfc->gnc", x, W) + b[:, None]
-        ce = F.cross_entropy(logits.reshape(G * N, num_classes), targets, reduction="none").view(G, N).mean(1)
-        loss = (ce + wd * W.pow(2).sum((1, 2))).sum()  # the problems are independent: their sum separates
+        if multi_label:
+            data = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((1, 2))
+        else:
+            ce = F.cross_entropy(logits.reshape(G * N, num_classes), targets, reduction="none").view(G, N)
+            data = (ce * weight).mean(1) if weight is not None else ce.mean(1)
+        loss = (data + wd * W.pow(2).sum((1, 2))).sum()  # the problems are independent: their sum separates
         loss.backward()
         return loss
 
     opt.step(closure)
     return W.detach(), b.detach()
+
+
+def logistic_scores(x_NF: torch.Tensor, W: torch.Tensor, b: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """(G, N, C) probabilities: softmax over classes, or a sigmoid per label."""
+    logits = torch.einsum("nf,gfc->gnc", x_NF.double(), W) + b[:, None]
+    return logits.sigmoid() if multi_label else logits.softmax(-1)
 
 
 def _accuracy(x_NF: torch.Tensor, y_N: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -79,13 +100,13 @@ def linear_probe(
     sel, fit = order[:n_sel], order[n_sel:]
     best = None
     for name, x in train.items():
-        x_fit, x_sel = _standardise(x[fit].float(), x[sel].float())
+        x_fit, x_sel = standardise(x[fit].float(), x[sel].float())
         W, b = fit_logistic(x_fit, y_train[fit], num_classes, weight_decays)
         accs = _accuracy(x_sel, y_train[sel], W, b)
         i = int(accs.argmax())  # ties: the first, i.e. the weakest regularisation of the tie
         if best is None or accs[i] > best[0]:
             best = (float(accs[i]), name, weight_decays[i])
     selection_acc, name, wd = best
-    x_all, x_test = _standardise(train[name].float(), test[name].float())
+    x_all, x_test = standardise(train[name].float(), test[name].float())
     W, b = fit_logistic(x_all, y_train, num_classes, [wd])
     return ProbeResult(float(_accuracy(x_test, y_test, W, b)[0]), name, wd, selection_acc)

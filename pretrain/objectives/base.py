@@ -197,12 +197,27 @@ def check_view_fits_patches(key: str, size: tuple[int, ...], backbone: nn.Module
 
 
 def load_init_weights(backbone: nn.Module, source: str, model_name: str) -> dict | None:
-    """``objective.init_from``: load ViT weights from ``source`` into ``backbone``; the load report, or None
-    without a source."""
+    """``objective.init_from``: load weights from ``source`` into ``backbone``; the load report, or None
+    without a source. ViTs go through ``load_pretrained`` (timm / DINOv2 / MONAI names, channel, patch and
+    position adaptation); other backbones load their own state dict (under any of ``PREFIXES``) strictly."""
     if not source:
         return None
-    if model_name != "vit":
-        raise ConfigError(f"config key 'objective.init_from': loads ViT weights; model.name is {model_name!r}")
-    from pretrain.models.pretrained import load_pretrained
+    from pretrain.models.pretrained import PREFIXES, load_pretrained, read_state_dict
 
-    return load_pretrained(backbone, source)
+    if model_name == "vit":
+        return load_pretrained(backbone, source)
+    try:
+        state = read_state_dict(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key 'objective.init_from': {e}") from e
+    target = backbone.state_dict()
+    prefix = max(PREFIXES, key=lambda p: sum(k[len(p):] in target for k in state if k.startswith(p)))
+    mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in target}
+    missing = sorted(set(target) - set(mine))
+    wrong = sorted(k for k, v in mine.items() if v.shape != target[k].shape)
+    if missing or wrong:
+        raise ConfigError(f"config key 'objective.init_from': {source} does not hold this {model_name!r} backbone's "
+                          f"weights: {len(missing)} missing (e.g. {missing[:3]}), {len(wrong)} of another shape "
+                          f"(e.g. {wrong[:3]})")
+    backbone.load_state_dict(mine, strict=True)
+    return {"loaded": len(mine), "prefix": prefix}

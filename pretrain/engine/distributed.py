@@ -27,6 +27,9 @@ class DistInfo:
         return self.rank == 0
 
 
+_SET_BY_US: set[str] = set()  # environment variables setup_distributed set itself
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -37,14 +40,15 @@ def setup_distributed() -> DistInfo:
     """Initialise torch.distributed (through DeepSpeed) from the environment; idempotent."""
     import deepspeed
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     if "MASTER_PORT" not in os.environ:
-        if int(os.environ["WORLD_SIZE"]) > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: start ranks with `pretrain launch`")
-        os.environ["MASTER_PORT"] = str(free_port())
+        defaults["MASTER_PORT"] = str(free_port())
+    for key, value in defaults.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            _SET_BY_US.add(key)
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -69,3 +73,8 @@ def teardown_distributed(barrier: bool = True) -> None:
         # DeepSpeed's own teardown also drops its cached world group, so a second
         # run in the same process (tests, notebooks, in-process sweeps) starts clean.
         deepspeed.comm.destroy_process_group()
+    # A single-process world's variables were ours: a later run here, or a process started from here
+    # (which would inherit a port this one may still hold), picks its own.
+    for key in _SET_BY_US:
+        os.environ.pop(key, None)
+    _SET_BY_US.clear()

@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         it.add_argument("--val", required=True, help="labelled shards (with reports for retrieval)")
         it.add_argument("--batch-size", type=int, default=64)
         it.set_defaults(func=_eval_image_text)
+    from pretrain.tools.cli.eval_cmd import add_suite_parsers
+
+    add_suite_parsers(ev)
 
     from pretrain.tools.ingest.cli import add_medical_parser, add_shards_parser
 

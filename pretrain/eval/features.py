@@ -143,6 +143,19 @@ def _label(sample: dict) -> torch.Tensor:
     return torch.tensor(int(sample["label"]))
 
 
+def mask_label_map(names, sample: dict) -> dict[str, int]:
+    """meta 'mask_labels' as {name: value}: a list names value i by its i-th entry (the codec's form),
+    a mapping gives the values."""
+    if not names:
+        return {}
+    if isinstance(names, (list, tuple)):
+        return {str(n): i for i, n in enumerate(names)}
+    if isinstance(names, dict) and all(isinstance(v, int) for v in names.values()):
+        return {str(k): v for k, v in names.items()}
+    raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r}: meta 'mask_labels' must be a list of names "
+                     f"(value i = entry i) or a {{name: value}} mapping, got {names!r}")
+
+
 def _world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -192,7 +205,7 @@ def stream_features(featurize: Featurize, spec: str | list[str], view: Callable[
                     raise ValueError(f"{s['__url__']}: sample {s['__key__']!r} has no mask (seg.npy); "
                                      "the dense probe needs masks on every sample")
                 masks.append(mask_view(s))
-                mask_labels = mask_labels or dict(meta.get("mask_labels") or {})
+                mask_labels = mask_labels or mask_label_map(meta.get("mask_labels"), s)
     part = {"rows": {n: torch.cat(t) for n, t in rows.items()}, "labels": labels, "keys": keys, "groups": groups,
             "masks": masks, "names": names, "mask_labels": mask_labels, "texts": reports}
     parts = [part]

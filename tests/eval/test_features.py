@@ -5,11 +5,13 @@ import copy
 import os
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 
 from pretrain.data.codec import encode_sample
-from pretrain.eval.features import cached_features, encoder_readings, pixel_readings, stream_features, weights_digest
+from pretrain.eval.features import (cached_features, encoder_readings, mask_label_map, pixel_readings, stream_features,
+                                    weights_digest)
 from pretrain.eval.suite import SuiteData
 from pretrain.models.backbones import ModelConfig, build_backbone
 
@@ -112,3 +114,11 @@ def test_the_cache_is_reused_and_invalidated_by_weights_or_data(tmp_path):
         f.write_bytes(b"garbage")
     cached_features(weights_digest(vit), spec, key, extract, tmp_path / "cache")
     assert len(calls) == 5
+
+
+def test_mask_labels_come_as_the_codecs_list_or_a_mapping():
+    sample = {"__url__": "a.tar", "__key__": "k"}
+    assert mask_label_map(["background", "lung"], sample) == {"background": 0, "lung": 1}
+    assert mask_label_map({"background": 0, "lesion": 3}, sample) == {"background": 0, "lesion": 3}
+    with pytest.raises(ValueError, match="sample 'k': meta 'mask_labels' must be"):
+        mask_label_map("lung", sample)

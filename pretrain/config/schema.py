@@ -90,6 +90,9 @@ class TrainConfig:
                 raise ConfigError(f"config key 'train.{name}' must be >= 1, got {getattr(self, name)}")
 
 
+TRAINING_PROTOCOLS = ("fewshot", "segment")
+
+
 @dataclass
 class EvalConfig:
     knn_train: str | None = None  # labelled shards: the kNN memory bank
@@ -101,6 +104,19 @@ class EvalConfig:
     temperature: float = 0.07  # each neighbour's vote weighs exp(cosine similarity / temperature)
     pool: Literal["cls", "mean", "cls+mean"] | None = None  # None: the objective's choice
     batch_size: int = 64  # images per encoder forward while extracting features, per rank
+    # More of the evaluation suite's frozen protocols at each evaluation, on the same sets, for the headline
+    # encoder and its baselines, with bootstrap intervals: fewshot (k shots, label fractions), segment (dense
+    # probe: needs masks). kNN and the linear probe always run.
+    protocols: list[str] = field(default_factory=list)
+    bootstrap: int = 200  # replicates per interval of those protocols
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.protocols) - set(TRAINING_PROTOCOLS))
+        if unknown:
+            raise ConfigError(f"config key 'eval.protocols': {unknown} cannot run during training; choose from "
+                              f"{list(TRAINING_PROTOCOLS)} (fine-tuning: `pretrain eval finetune` on a checkpoint)")
+        if self.bootstrap < 1:
+            raise ConfigError(f"config key 'eval.bootstrap' must be >= 1, got {self.bootstrap}")
 
 
 @dataclass

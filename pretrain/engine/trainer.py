@@ -171,7 +171,22 @@ class Trainer:
         pool = self.cfg.eval.pool or bundle.pool
         results = {name: evaluate_encoder(enc, data, pool) for name, enc in bundle.encoders.items()}
         next(iter(results.values())).update(self._image_text_eval(bundle, data))
+        next(iter(results.values())).update(self._protocol_eval(bundle.headline[1]))
         return results
+
+    def _protocol_eval(self, encoder) -> dict[str, Any]:
+        """``eval.protocols`` (few-shot, dense probe) of ``encoder`` (None: raw pixels), with intervals."""
+        ev, model = self.cfg.eval, self.cfg.model
+        if not ev.protocols:
+            return {}
+        from pretrain.eval.suite import SuiteData, protocol_metrics
+
+        grid = tuple(self.objective.eval_bundle().headline[1].grid_size())
+        data = SuiteData(ev.knn_train, ev.knn_val, None, tuple(model.img_size_tuple()), model.in_chans,
+                         self.cfg.data.intensity, grid=grid, batch_size=ev.batch_size, n_boot=ev.bootstrap,
+                         seed=self.cfg.train.seed, device=self.dist.device,
+                         dtype=PRECISION_DTYPES[self.cfg.train.precision])
+        return protocol_metrics(encoder, data, tuple(ev.protocols))
 
     def _image_text_eval(self, bundle, data: FrozenEvalData) -> dict[str, Any]:
         """Zero-shot accuracy and Recall@K on the held-out set, for objectives with a shared embedding space."""
@@ -191,6 +206,9 @@ class Trainer:
         bundle = self.objective.eval_bundle()
         baselines = evaluate_baselines(bundle.headline[1], data, self.cfg.eval.pool or bundle.pool, self.cfg.eval.baselines)
         baselines["random_init"].update(self._image_text_eval(bundle, data))
+        baselines["random_init"].update(self._protocol_eval(bundle.headline[1]))
+        if "raw_pixels" in baselines:
+            baselines["raw_pixels"].update(self._protocol_eval(None))
         self.history["knn_init"] = baselines["random_init"]["knn"]
         self.history["eval_baselines"] = baselines
         for name, result in baselines.items():
@@ -416,6 +434,10 @@ def _describe(result: dict[str, Any]) -> str:
     text = f"kNN {knn or format(result['knn'], '.3f')} | linear {result['linear']:.3f} ({result['linear_features']})"
     if "zeroshot" in result:
         text += f" | zero-shot {result['zeroshot']:.3f}"
+    if "segment/mean_dice" in result:
+        text += f" | dense probe Dice {result['segment/mean_dice']:.3f}"
+    if "fewshot/k1/accuracy" in result:
+        text += f" | 1-shot {result['fewshot/k1/accuracy']:.3f}"
     if "i2t_r5" in result:
         text += f" | R@5 i2t {result['i2t_r5']:.3f} t2i {result['t2i_r5']:.3f} ({result['retrieval_pairs']} pairs)"
     return text

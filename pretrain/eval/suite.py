@@ -15,7 +15,7 @@ difference, its interval and a two-sided p-value).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,6 +60,8 @@ class SuiteData:
     level: float = 0.95
     seed: int = 0
     options: dict = field(default_factory=dict)  # per protocol: keyword arguments (e.g. fewshot seeds)
+    device: torch.device = torch.device("cpu")  # where the encoders run (they must be there already)
+    dtype: torch.dtype = torch.float32  # of the views fed to them
 
     def view(self, sample: dict) -> torch.Tensor:
         return eval_view(sample["image"], self.size, self.channels, self.intensity, key=sample["__key__"])
@@ -99,7 +101,8 @@ def extract(subject: Subject, data: SuiteData, dense: bool) -> dict[str, Feature
         if spec is None:
             continue
         out[split] = cached_features(who, spec, key, lambda spec=spec: stream_features(
-            featurize, spec, data.view, batch_size=data.batch_size, mask_view=data.mask_view if dense else None),
+            featurize, spec, data.view, batch_size=data.batch_size, device=data.device,
+            dtype=data.dtype, mask_view=data.mask_view if dense else None),
             data.cache_dir)
     return out
 
@@ -156,7 +159,7 @@ def image_text_predictions(subject: Subject, data: SuiteData, protocols: tuple[s
     from pretrain.eval.image_text import image_text_predictions as predict
 
     spec = data.test if data.test is not None else data.val
-    return predict(subject.bundle, spec, data.view, protocols, batch_size=data.batch_size)
+    return predict(subject.bundle, spec, data.view, protocols, batch_size=data.batch_size, device=data.device)
 
 
 def run_suite(subjects: list[Subject], data: SuiteData, protocols: tuple[str, ...] = PROTOCOLS,
@@ -200,3 +203,17 @@ def run_suite(subjects: list[Subject], data: SuiteData, protocols: tuple[str, ..
         table[protocol] = entry
     return {"report_split": "test" if data.test is not None else "val", "subjects": [s.name for s in subjects],
             "bootstrap": {"replicates": data.n_boot, "level": data.level}, "protocols": table}
+
+
+def protocol_metrics(encoder: nn.Module | None, data: SuiteData, protocols: tuple[str, ...]) -> dict[str, Any]:
+    """Frozen ``protocols`` of one encoder (None: raw pixels) as flat ``{"<protocol>/<metric>": value}``, and
+    their bootstrap intervals under ``"intervals"``: what training logs at each evaluation (no cache: the
+    weights change between evaluations)."""
+    data = replace(data, cache_dir=None)
+    out: dict[str, Any] = {"intervals": {}}
+    boot = dict(n_boot=data.n_boot, level=data.level, seed=data.seed)
+    for protocol, p in frozen_predictions(Subject("encoder", encoder), data, protocols).items():
+        for metric, m in bootstrap_ci(p.metric_fn, p.n, groups=p.groups, **boot).items():
+            out[f"{protocol}/{metric}"] = m["value"]
+            out["intervals"][f"{protocol}/{metric}"] = [m["low"], m["high"]]
+    return out

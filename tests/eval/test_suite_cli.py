@@ -30,9 +30,29 @@ def tiny_run(tmp_path_factory):
         "objective.decoder_dim=16", "objective.decoder_depth=1", "objective.decoder_heads=2",
         f"data.train={shards['pre']}", "data.batch_size=16", "data.num_workers=0", "train.steps=6",
         "train.log_every=1", "train.progress=false", "train.threads=1", f"train.run_dir={root / 'run'}",
-        "eval.knn_train=null", "eval.knn_val=null", "eval.at_start=false", "train.export_on_end=false"])
+        f"eval.knn_train={shards['train']}", f"eval.knn_val={shards['val']}", "eval.every=3",
+        "eval.protocols=[fewshot,segment]", "eval.bootstrap=50", "train.export_on_end=false"])
     train(cfg)
     return root, shards
+
+
+def test_training_runs_the_asked_protocols_beside_its_baselines(tiny_run):
+    """eval.protocols: few-shot and the dense probe at every evaluation, in TensorBoard and summary.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = tiny_run
+    ev = json.loads((root / "run" / "summary.json").read_text())["eval"]
+    for name in ("pretrained", "random_init", "raw_pixels"):
+        r = ev[name]
+        assert 0.0 <= r["segment/mean_dice"] <= 1.0 and 0.0 <= r["fewshot/k1/accuracy"] <= 1.0, (name, r)
+        low, high = r["intervals"]["segment/mean_dice"]
+        assert low <= r["segment/mean_dice"] <= high
+    # raw pixels carry no position: they cannot tell the left-quadrant mask from the right one
+    assert ev["pretrained"]["segment/mean_dice"] > ev["raw_pixels"]["segment/mean_dice"] + 0.2
+    acc = EventAccumulator(str(root / "run" / "tb")).Reload()
+    steps = [e.step for e in acc.Scalars("eval/encoder/segment/mean_dice")]
+    assert steps == [3, 6], steps
+    assert {"eval/random_init/fewshot/k4/accuracy", "eval/raw_pixels/segment/dice/left"} <= set(acc.Tags()["scalars"])
 
 
 def _cli(*args, cwd=None):

@@ -112,6 +112,8 @@ def finetune_and_predict(init_from: str, model_cfg: Any, train: str, sets: dict[
     cfg.objective.init_from = ""  # the checkpoint holds every weight
     objective = build_objective(cfg)
     objective.load_state_dict(fp32_state_dict(resolve_checkpoint(Path(out_dir))))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer ran
+    objective.to(device)
     size, chans = cfg.model.img_size_tuple(), cfg.model.in_chans
 
     def view(s: dict) -> torch.Tensor:
@@ -120,6 +122,7 @@ def finetune_and_predict(init_from: str, model_cfg: Any, train: str, sets: dict[
     out = {}
     with eval_mode(objective):
         for split, spec in sets.items():
-            fs = stream_features(lambda x: {"scores": objective.predict(x)}, spec, view, batch_size=batch_size)
+            fs = stream_features(lambda x: {"scores": objective.predict(x)}, spec, view, batch_size=batch_size,
+                                 device=device)
             out[split] = {"scores": fs.features["scores"], "labels": fs.labels, "keys": fs.keys, "groups": fs.groups}
     return out

@@ -66,7 +66,7 @@ def evaluate_image_text(bundle, spec: str | list[str], view: Callable[[dict], to
     reported = [i for i, s in enumerate(samples) if (s["text"] or "").strip()]
     if reported:
         reports = map_over_ranks([samples[i]["text"].strip() for i in reported], batch_size,
-                                 lambda texts: {"emb": bundle.embed_text(texts).float()})["emb"]
+                                 lambda texts: {"emb": bundle.embed_text(texts).float().cpu()})["emb"]
         image_row = {sample: row for row, sample in enumerate(split_order(len(samples)))}
         paired = [image_row[reported[j]] for j in split_order(len(reported))]
         result.update(recall_at_k(images[paired], reports))
@@ -87,7 +87,7 @@ def retrieval_hits(image_NE: torch.Tensor, text_NE: torch.Tensor, ks: Sequence[i
 
 
 def image_text_predictions(bundle, spec, view: Callable[[dict], torch.Tensor], protocols: Sequence[str], *,
-                           batch_size: int) -> dict:
+                           batch_size: int, device: torch.device = torch.device("cpu")) -> dict:
     """``zeroshot`` (class-prompt similarities as scores) and ``retrieval`` (Recall@K over the samples that
     carry a report) as :class:`pretrain.eval.protocols.Prediction` s, streamed from ``spec``."""
     import numpy as np
@@ -96,7 +96,8 @@ def image_text_predictions(bundle, spec, view: Callable[[dict], torch.Tensor], p
     from pretrain.eval.metrics import metrics_for
     from pretrain.eval.protocols import Prediction
 
-    fs = stream_features(lambda x: {"emb": bundle.embed_image(x)}, spec, view, batch_size=batch_size, texts=True)
+    fs = stream_features(lambda x: {"emb": bundle.embed_image(x)}, spec, view, batch_size=batch_size, device=device,
+                         texts=True)
     images, out = fs.features["emb"], {}
     if "zeroshot" in protocols:
         if fs.multi_label or not fs.label_names:
@@ -111,7 +112,7 @@ def image_text_predictions(bundle, spec, view: Callable[[dict], torch.Tensor], p
         if not rows:
             raise ValueError(f"{spec!r}: retrieval needs reports (.txt) on the samples; none has one")
         reports = map_over_ranks([fs.texts[i] for i in rows], batch_size,
-                                 lambda texts: {"emb": bundle.embed_text(texts).float()})["emb"]
+                                 lambda texts: {"emb": bundle.embed_text(texts).float().cpu()})["emb"]
         reports = reports[torch.argsort(torch.tensor(split_order(len(rows))))]  # back to row order
         hits = {k: v.double().numpy() for k, v in retrieval_hits(images[rows], reports).items()}
         out["retrieval"] = Prediction(lambda idx: {k: float(v[idx].mean()) for k, v in hits.items()}, len(rows),

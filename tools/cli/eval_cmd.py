@@ -12,7 +12,7 @@ SINGLE = {"linear": ("linear",), "fewshot": ("fewshot",), "segment": ("segment",
 
 
 def _subjects(args: argparse.Namespace):
-    """(subjects, model config, intensity, pretrained encoder) for SOURCE or --random-init CONFIG."""
+    """(subjects, model config, intensity, pretrained encoder, device) for SOURCE or --random-init CONFIG."""
     import torch
 
     from pretrain.eval.suite import Subject
@@ -22,9 +22,11 @@ def _subjects(args: argparse.Namespace):
     from pretrain.tools.export.layout import export_meta, is_export
     from pretrain.tools.export.source import trained_objective
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     def random_bundle(cfg):
         torch.manual_seed(args.seed)
-        return build_objective(cfg).eval_bundle()
+        return build_objective(cfg).to(device).eval_bundle()
 
     if args.random_init:
         from pretrain.config import load_config
@@ -36,13 +38,13 @@ def _subjects(args: argparse.Namespace):
     elif is_export(Path(args.source)):
         from pretrain.tools.export.encoder import load_exported_encoder
 
-        head = load_exported_encoder(Path(args.source))
+        head = load_exported_encoder(Path(args.source)).to(device)
         model_cfg, head_bundle, run_cfg = head.cfg, None, None
         meta = export_meta(Path(args.source))
         intensity, pool = meta.get("preprocessing", {}).get("intensity", "zscore"), meta.get("pool", "cls")
     else:
         objective, run_cfg = trained_objective(resolve_checkpoint(args.source))
-        head_bundle = objective.eval_bundle()
+        head_bundle = objective.to(device).eval_bundle()
         head, model_cfg, intensity = head_bundle.headline[1], run_cfg.model, run_cfg.data.intensity
     if head_bundle is not None:
         pool = head_bundle.pool
@@ -50,12 +52,12 @@ def _subjects(args: argparse.Namespace):
     subjects = [Subject("pretrained" if not args.random_init else "random_init", head, head_bundle)]
     if not args.no_baselines and not args.random_init:
         torch.manual_seed(args.seed)
-        rand = build_backbone(model_cfg)
+        rand = build_backbone(model_cfg).to(device)
         rand_bundle = random_bundle(run_cfg) if run_cfg is not None and head_bundle.embed_image is not None else None
         subjects += [Subject("random_init", rand, rand_bundle), Subject("raw_pixels")]
     if "finetune" in args.protocols:
         _attach_finetune(args, subjects, model_cfg, intensity, pool)
-    return subjects, model_cfg, intensity, head
+    return subjects, model_cfg, intensity, head, device
 
 
 def _attach_finetune(args, subjects, model_cfg, intensity, pool) -> None:
@@ -72,7 +74,7 @@ def _attach_finetune(args, subjects, model_cfg, intensity, pool) -> None:
             continue
         root.mkdir(parents=True, exist_ok=True)
         init = root / f"{s.name}_init.safetensors"
-        save_file({k: v.detach().contiguous().clone() for k, v in s.encoder.state_dict().items()}, str(init))
+        save_file({k: v.detach().cpu().contiguous() for k, v in s.encoder.state_dict().items()}, str(init))
         s.finetune = lambda init=init, out=root / s.name, pool=pool: finetune_and_predict(
             str(init), model_cfg, args.train, sets, str(out), steps=args.finetune_steps, intensity=intensity,
             seed=args.seed, pool=pool, overrides=list(args.finetune_override or []))
@@ -87,7 +89,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
     args.protocols = SINGLE.get(args.eval_command) or tuple(args.protocols or PROTOCOLS)
     if not args.out:
         raise ConfigError(f"pretrain eval {args.eval_command}: give --out DIR for the results (and fine-tuning runs)")
-    subjects, model_cfg, intensity, head = _subjects(args)
+    subjects, model_cfg, intensity, head, device = _subjects(args)
     protocols = args.protocols
     if args.eval_command == "suite" and not args.protocols_given:  # all: image-text ones only where they apply
         if subjects[0].bundle is None or subjects[0].bundle.embed_image is None:
@@ -96,7 +98,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
                      grid=tuple(head.grid_size()), batch_size=args.batch_size,
                      cache_dir=None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
                      n_boot=args.bootstrap, seed=args.seed,
-                     options={"fewshot": {"seeds": args.fewshot_seeds}})
+                     options={"fewshot": {"seeds": args.fewshot_seeds}}, device=device)
     try:
         result = run_suite(subjects, data, protocols, log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:

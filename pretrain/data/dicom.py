@@ -16,12 +16,14 @@
   without rescale keeps its stored dtype.
 - MONOCHROME1 (radiographs where larger means darker) is inverted to MONOCHROME2.
 
-Arrays are ``(C, H, W)`` for one image and ``(C, D, H, W)`` for a volume, with
-D running along the slice normal, H along the column direction (increasing row
-index) and W along the row direction. ``spacing`` is in mm in the same order:
-``[slice step, PixelSpacing[0] (between rows), PixelSpacing[1] (between columns)]``.
-``orientation`` names, per spatial axis, the patient direction (LPS letters
-L/R, P/A, S/I) it points towards, e.g. ``"SPL"`` for an axial stack.
+Arrays are ``(C, H, W)`` for one image and ``(C, D, H, W)`` for a volume.
+A volume with known geometry is stored in RAS canonical orientation
+(``pretrain.data.orientation``: D towards superior, H anterior, W right,
+``orientation`` ``"SAR"``), with ``original_orientation`` the code of the
+acquisition order (D along the slice normal, H along the column direction,
+W along the row direction: e.g. ``"SPL"`` for an axial stack). ``spacing`` is
+in mm in the stored axis order. A single image keeps its stored layout; its
+``orientation`` names the patient direction its rows and columns point towards.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from pretrain.data.orientation import CANONICAL, lps_to_ras, to_canonical
 
 _PREAMBLE = 128
 _ORIENTATION_TOLERANCE = 1e-3  # direction cosines written with few digits still match
@@ -280,15 +284,18 @@ def _load_stack(datasets: list, paths: list[str]) -> tuple[np.ndarray, dict[str,
     raw = np.stack([_invert_monochrome1(ds, _pixels(ds, paths[i]))[0] for ds, i in zip(ordered, order)])
     volume, rescaled = apply_rescale(raw, [_rescale(ds) for ds in ordered])
     pixel = _pixel_spacing(first)
+    volume, spacing, original = to_canonical(volume[None], lps_to_ras(directions),
+                                             None if pixel is None else [step] + pixel)
     meta = _common_meta(first) | {
         "spatial_dims": 3,
         "channels": 1,
-        "spacing": None if pixel is None else [step] + pixel,
-        "orientation": orientation_code(directions),
+        "spacing": spacing,
+        "orientation": CANONICAL,
+        "original_orientation": original,
         "rescale_applied": rescaled,
         "photometric_inverted": str(first.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1",
     }
-    return np.ascontiguousarray(volume[None]), meta
+    return volume, meta
 
 
 def _frame_geometry(ds: Any) -> tuple[list, list] | None:
@@ -315,22 +322,25 @@ def _load_multiframe(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]:
     raw, inverted = _invert_monochrome1(ds, raw)
     geometry = _frame_geometry(ds)
     pixel = _pixel_spacing(ds)
+    directions = None
     if geometry is not None:
         order, step, directions = _order_slices(f"multi-frame file {path}", *geometry)
         raw = raw[order]
         spacing = None if pixel is None else [step] + pixel
-        orientation = orientation_code(directions)
     else:
         between = ds.get("SpacingBetweenSlices")
         spacing = None if pixel is None or between is None else [abs(float(between))] + pixel
-        orientation = None
     volume, rescaled = apply_rescale(raw, [_rescale(ds)] * raw.shape[0])
+    volume, original = volume[None], None
+    if directions is not None:  # without per-frame geometry the frames' directions are unknown: kept as stored
+        volume, spacing, original = to_canonical(volume, lps_to_ras(directions), spacing)
     meta = _common_meta(ds) | {
         "spatial_dims": 3,
         "channels": 1,
         "spacing": spacing,
-        "orientation": orientation,
+        "orientation": CANONICAL if directions is not None else None,
+        "original_orientation": original,
         "rescale_applied": rescaled,
         "photometric_inverted": inverted,
     }
-    return np.ascontiguousarray(volume[None]), meta
+    return np.ascontiguousarray(volume), meta

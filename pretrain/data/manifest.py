@@ -57,6 +57,7 @@ class ManifestBuilder:
 
     source: str
     classes: list[str] | None = None
+    conversion: dict[str, Any] | None = None  # choices that shaped the samples (orientation, 4-D handling, ...)
     num_samples: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
     shards: list[dict[str, Any]] = field(default_factory=list)
@@ -99,6 +100,7 @@ class ManifestBuilder:
             "shape_max": dict(sorted(self.shape_max.items())),
             "classes": None if self.classes is None else list(self.classes),
             "source": self.source,
+            **({"conversion": dict(self.conversion)} if self.conversion else {}),
         }
 
 

@@ -1,4 +1,5 @@
-"""NIfTI volumes (``.nii``, ``.nii.gz``) to channels-first arrays in RAS canonical orientation.
+"""NIfTI volumes (``.nii``, ``.nii.gz``) to channels-first arrays in RAS canonical orientation
+(``pretrain.data.orientation``: the orientation DICOM series are stored in too).
 
 The image is reoriented to the orientation ``nibabel.as_closest_canonical``
 gives (axes permuted and flipped, never resampled; done on the stored values
@@ -10,7 +11,8 @@ Right, Anterior, Superior. It is stored as ``(C, D, H, W)`` with
 i.e. the canonical ``(X, Y, Z)`` array transposed to ``(Z, Y, X)``; the
 ``orientation`` code is therefore ``"SAR"`` and ``spacing`` is the canonical
 zooms reversed, ``[dz, dy, dx]`` in mm. A 4-D image (time points or
-components) puts its fourth axis on C. ``scl_slope``/``scl_inter`` are
+components) puts its fourth axis on C, or one chosen volume is read
+(medical conversion's ``--nifti-4d samples``). ``scl_slope``/``scl_inter`` are
 applied: int16 when slope and intercept are integers and the result fits,
 float32 otherwise; unscaled data keeps its stored dtype.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.data.dicom import apply_rescale
+from pretrain.data.orientation import CANONICAL
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -42,11 +45,21 @@ def _orientation_letters(affine: np.ndarray) -> str:
     return "".join(nibabel.aff2axcodes(affine))
 
 
-def load_nifti(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+def time_points(path: str | Path) -> int:
+    """How many volumes a NIfTI file holds along its 4th axis (1 for a 3-D image), from its header alone."""
+    import nibabel
+
+    shape = nibabel.load(str(path)).shape
+    return int(shape[3]) if len(shape) >= 4 else 1
+
+
+def load_nifti(path: str | Path, time_point: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Read ``path`` as ``(image_CDHW, meta)``; raises ``NiftiError`` naming the file.
 
     ``meta``: ``kind, modality (None), body_part (None), spatial_dims (3),
-    channels, spacing [dz, dy, dx], orientation ("SAR"), rescale_applied``.
+    channels, spacing [dz, dy, dx], orientation ("SAR"), original_orientation,
+    rescale_applied`` (and ``time_point``). A 4-D image's volumes become channels,
+    or, with ``time_point``, that one volume is read.
     """
     import nibabel
 
@@ -81,6 +94,10 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise NiftiError(f"{path}: data type {raw.dtype} is not a real number type (RGB NIfTI is not supported)")
     if raw.ndim == 3:
         raw = raw[..., None]
+    if time_point is not None:
+        if not 0 <= time_point < raw.shape[3]:
+            raise NiftiError(f"{path}: no time point {time_point} (the image has {raw.shape[3]})")
+        raw = raw[..., time_point:time_point + 1]
     image = np.transpose(raw, (3, 2, 1, 0))  # (X, Y, Z, C) -> (C, Z, Y, X)
     rescaled = not (math.isclose(slope, 1.0) and inter == 0.0) and math.isfinite(slope) and math.isfinite(inter)
     if rescaled:
@@ -91,6 +108,8 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         image = image.astype(image.dtype.newbyteorder("="))
     spacing = zooms[::-1] if all(math.isfinite(z) and z > 0 for z in zooms) else None
     axes = _orientation_letters(canonical_affine)  # "RAS" after as_closest_canonical
+    if axes[::-1] != CANONICAL:
+        raise NiftiError(f"{path}: reorientation gave {axes[::-1]}, not {CANONICAL}")  # nibabel changed its canon
     meta = {
         "kind": "nifti",
         "modality": None,
@@ -98,7 +117,9 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         "spatial_dims": 3,
         "channels": int(image.shape[0]),
         "spacing": spacing,
-        "orientation": axes[::-1],
+        "orientation": CANONICAL,
+        "original_orientation": _orientation_letters(img.affine)[::-1],  # the file's (k, j, i) axes
         "rescale_applied": bool(rescaled),
+        **({"time_point": int(time_point)} if time_point is not None else {}),
     }
     return np.ascontiguousarray(image), meta

@@ -73,6 +73,8 @@ SAFE_META_KEYS = frozenset(
         "channels",
         "spacing",
         "orientation",
+        "original_orientation",
+        "time_point",  # which volume of a 4-D NIfTI file the sample is
         "rescale_applied",
         "photometric_inverted",
         "resampled_from_spacing",
@@ -80,6 +82,7 @@ SAFE_META_KEYS = frozenset(
         "label",
         "label_name",
         "split",
+        "patient",  # the salted HMAC of the patient identifier (a pseudonym), never the identifier itself
         "shape",
         "dtype",
     }
@@ -106,7 +109,7 @@ def load_salt(salt: str | bytes | Path | None = None) -> bytes:
             salt, where = Path(os.environ[SALT_FILE_ENV]), f"${SALT_FILE_ENV}"
         else:
             raise SaltError(
-                f"no salt: pass salt=..., set ${SALT_ENV}, or point ${SALT_FILE_ENV} at a file you keep private "
+                f"no salt: pass --salt-file PATH, set ${SALT_ENV}, or point ${SALT_FILE_ENV} at a file you keep private "
                 f"(e.g. `head -c 32 /dev/urandom | base64 > ~/.medpretrain_salt`)"
             )
     if isinstance(salt, Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 import pytest
@@ -96,16 +97,19 @@ def test_slices_ordered_by_position_along_normal_whatever_file_order(tmp_path: P
     paths = write_series(tmp_path / "s", positions, [float(v) for v in orientation])
     image, meta = load_dicom_series(paths)
     assert image.shape == (1, 6, 128, 128)
-    markers = image[0, :, 0, 0].astype(int) + 1024  # HU back to stored value
+    # Axial acquisition order is SPL (rows towards posterior, columns towards the patient's left); stored
+    # canonically as SAR, i.e. rows and columns reversed.
+    native = image[0, :, ::-1, ::-1]
+    markers = native[:, 0, 0].astype(int) + 1024  # HU back to stored value
     expected = [1000 + i for i in np.argsort(distances)]
     assert markers.tolist() == expected
     assert meta["spacing"][0] == pytest.approx(2.5, abs=1e-4)
     ds = pydicom.dcmread(CT)
     hounsfield = apply_modality_lut(ds.pixel_array, ds)
     for k in range(6):  # every slice, marker pixel aside, is CT_small in HU
-        np.testing.assert_array_equal(image[0, k, 1:], hounsfield[1:])
+        np.testing.assert_array_equal(native[k, 1:], hounsfield[1:])
     # Tilting 0.3 rad about x keeps every axis closest to its axial direction.
-    assert meta["orientation"] == "SPL"
+    assert meta["original_orientation"] == "SPL" and meta["orientation"] == "SAR"
 
 
 def test_missing_slice_is_reported_as_gap(tmp_path: Path):
@@ -170,9 +174,11 @@ def test_multiframe_file_frames_ordered_by_per_frame_position(tmp_path: Path):
     ds.save_as(tmp_path / "mf.dcm")
     image, meta = load_dicom_series([tmp_path / "mf.dcm"])
     assert image.shape == (1, 3, 128, 128) and image.dtype == np.int16
-    assert (image[0, :, 0, 0].astype(int) + 1024).tolist() == [1000, 1001, 1002]
+    native = image[0, :, ::-1, ::-1]  # axial SPL frames, stored canonically (SAR)
+    assert (native[:, 0, 0].astype(int) + 1024).tolist() == [1000, 1001, 1002]
     assert meta["spacing"] == pytest.approx([5.0, 0.661468, 0.661468])
-    np.testing.assert_array_equal(image[0, 1, 1:], apply_modality_lut(ds.pixel_array[0], ds)[1:])
+    assert meta["orientation"] == "SAR" and meta["original_orientation"] == "SPL"
+    np.testing.assert_array_equal(native[1, 1:], apply_modality_lut(ds.pixel_array[0], ds)[1:])
 
 
 def test_header_recognises_files_with_and_without_preamble(tmp_path: Path):
@@ -190,3 +196,47 @@ def test_header_recognises_files_with_and_without_preamble(tmp_path: Path):
 def test_orientation_code_letters():
     assert orientation_code(np.array([[0, 0, 1.0], [0, 1.0, 0], [1.0, 0, 0]])) == "SPL"
     assert orientation_code(np.array([[0, 0, -1.0], [0, -1.0, 0], [-1.0, 0, 0]])) == "IAR"
+
+
+ORIENTATIONS = {  # ImageOrientationPatient (row direction, column direction) in DICOM's LPS coordinates
+    "axial": AXIAL,
+    "sagittal": [0.0, 1.0, 0.0, 0.0, 0.0, -1.0],
+    "coronal": [1.0, 0.0, 0.0, 0.0, 0.0, -1.0],
+    "oblique": [float(np.cos(0.4)), float(np.sin(0.4)), 0.0, 0.0, 0.0, -1.0],
+    "flipped_axial": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_a_series_is_stored_as_nibabel_stores_the_same_volume_as_nifti(tmp_path: Path, name: str):
+    """One orientation for every volume: a DICOM series and a NIfTI file of the same voxels and geometry (its
+    affine written from the DICOM geometry, reoriented by nibabel) give the same array, spacing and code."""
+    from pretrain.data.nifti import load_nifti
+
+    iop = ORIENTATIONS[name]
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    step, origin = 2.5, np.array([-40.0, 12.0, 7.0])
+    distances = [5.0, 0.0, 2.5, 7.5]
+    paths = write_series(tmp_path / name, [list(origin + d * normal) for d in distances], iop)
+    image, meta = load_dicom_series(paths)
+
+    ds = pydicom.dcmread(CT)
+    hounsfield = apply_modality_lut(ds.pixel_array, ds).astype(np.int16)
+    native = np.stack([hounsfield] * 4)  # (slice along the normal, row, column), as acquired
+    for d, i in enumerate(np.argsort(distances)):
+        native[d, 0, 0] = 1000 + i - 1024
+    ps_row, ps_col = (float(v) for v in ds.PixelSpacing)
+    first = origin + min(distances) * normal
+    to_ras = np.array([-1.0, -1.0, 1.0])
+    affine = np.eye(4)  # NIfTI voxel axes (column, row, slice): world = origin + i*dc*row + j*dr*col + k*step*normal
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = row * ps_col * to_ras, col * ps_row * to_ras, normal * step * to_ras
+    affine[:3, 3] = first * to_ras
+    nibabel.save(nibabel.Nifti1Image(native.transpose(2, 1, 0), affine), tmp_path / f"{name}.nii.gz")
+    expected, nifti_meta = load_nifti(tmp_path / f"{name}.nii.gz")
+
+    assert image.shape == expected.shape
+    np.testing.assert_array_equal(image, expected)
+    assert meta["spacing"] == pytest.approx(nifti_meta["spacing"], abs=1e-4)
+    assert meta["orientation"] == nifti_meta["orientation"] == "SAR"
+    assert meta["original_orientation"] == orientation_code(np.stack([normal, col, row]))

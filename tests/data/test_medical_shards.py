@@ -24,7 +24,7 @@ from pretrain.data.dicom import load_dicom_series
 from pretrain.data.manifest import read_manifest, shard_paths, verify_shards
 from pretrain.data.privacy import SaltError, hashed_key, load_salt, safe_metadata
 from pretrain.data.splits import assign_split, parse_split_ratios
-from pretrain.tools.ingest.cli import add_medical_parser
+from pretrain.tools.ingest.cli import add_medical_parser, add_shards_parser
 from pretrain.tools.ingest.medical import write_medical_shards
 
 SALT = "test-salt-0123456789abcdef"
@@ -81,6 +81,11 @@ def test_end_to_end_contents_reports_and_bad_inputs(dataset, tmp_path: Path):
     assert set(manifests) == {"train"} and verify_shards(out / "train") == []
     manifest = read_manifest(out / "train")
     assert manifest["num_samples"] == 3 and manifest["classes"] == ["nodule", "normal"]
+    # the salt's HMAC tag is called what it is, in the manifest and the journal; the salt itself is nowhere
+    assert manifest["source"].startswith("medical conversion, salt fingerprint ")
+    settings = json.loads((out / "journal.jsonl").read_text().splitlines()[0])["settings"]
+    assert "salt" not in settings and manifest["source"].endswith(settings["salt_fingerprint"])
+    assert SALT not in "".join(p.read_text() for p in out.rglob("*.json*"))
     gap_key = hashed_key(SALT.encode(), "dicom:" + ids[2]["SeriesInstanceUID"])
     (failure,) = manifest["failed"]
     assert failure["path"] == gap_key and "missing slice" in failure["reason"]
@@ -97,8 +102,10 @@ def test_end_to_end_contents_reports_and_bad_inputs(dataset, tmp_path: Path):
     assert first["text"] == "No acute findings." and first["meta"]["label_name"] == "normal" and first["label"] == 1
     assert first["meta"]["spacing"] == pytest.approx([2.5, 0.661468, 0.661468])
     assert set(first["meta"]) <= {"kind", "modality", "body_part", "spatial_dims", "channels", "spacing", "orientation",
+                                  "original_orientation",
                                   "rescale_applied", "photometric_inverted", "resampled_from_spacing", "intensity",
-                                  "label", "label_name", "split", "shape", "dtype"}
+                                  "label", "label_name", "split", "patient", "shape", "dtype"}
+    assert first["meta"]["patient"] == hashed_key(SALT.encode(), "patient:" + ids[0]["PatientID"])  # a pseudonym
     nifti = samples[hashed_key(SALT.encode(), "path:brains/sub01/t1.nii.gz")]
     assert nifti["image"].shape == (1, 5, 4, 3) and nifti["meta"]["spacing"] == [2.0, 1.0, 1.0]
     assert nifti["text"] is None and nifti["meta"]["label_name"] == "normal"
@@ -122,14 +129,19 @@ def test_patient_level_split_keeps_each_patient_in_one_split(tmp_path: Path):
     manifests = write_medical_shards(src, tmp_path / "out", split_ratios="0.5,0.25,0.25", salt=SALT, workers=0,
                                      progress=False, max_samples_per_shard=4)
     seen: dict[int, str] = {}
+    pseudonyms: dict[int, set[str]] = {}
     total = 0
     for split in manifests:
         for sample in _read_split(tmp_path / "out" / split):
             patient = int(sample["image"].flat[0]) // 10
             assert seen.setdefault(patient, split) == split, f"patient {patient} in two splits"
             assert sample["meta"]["split"] == split
+            pseudonyms.setdefault(patient, set()).add(sample["meta"]["patient"])
             total += 1
     assert total == 36 and len(seen) == 12
+    # each patient has one pseudonym (the salted key evaluation resamples by), and it is not the folder name
+    assert all(len(v) == 1 for v in pseudonyms.values()) and len(set.union(*pseudonyms.values())) == 12
+    assert not any("patient" in p for v in pseudonyms.values() for p in v)
 
 
 def test_assign_split_is_deterministic_and_follows_ratios():
@@ -209,6 +221,20 @@ def test_salt_sources_and_privacy_helpers(tmp_path: Path, monkeypatch):
     assert load_salt() == b"another-secret-salt-value"
     assert hashed_key(b"a" * 16, "1.2.3") != hashed_key(b"b" * 16, "1.2.3")
     assert safe_metadata({"modality": "CT", "PatientName": "Doe^Jane", "source": "Doe_Jane/ct"}) == {"modality": "CT"}
+
+
+def test_shards_write_without_a_salt_names_its_own_command_and_options(dataset, tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MEDPRETRAIN_SALT", raising=False)
+    monkeypatch.delenv("MEDPRETRAIN_SALT_FILE", raising=False)
+    src, _, _ = dataset
+    parser = argparse.ArgumentParser(prog="pretrain")
+    add_shards_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shards", "write", str(src), str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit_info:
+        args.func(args)
+    message = str(exit_info.value)
+    assert message.startswith("pretrain shards write: error: no salt: pass --salt-file PATH"), message
+    assert "$MEDPRETRAIN_SALT_FILE" in message and "salt=" not in message
 
 
 def test_cli_parser_runs_medical_conversion(dataset, tmp_path: Path, capsys):
@@ -305,3 +331,33 @@ def test_shards_write_recognises_dicom_and_nifti_without_flags(dataset, tmp_path
     assert sorted(s["image"].ndim for s in samples) == [4, 4, 4]
     blob = b"".join(p.read_bytes() for p in (out / "train").iterdir())
     assert ids[0]["PatientID"].encode() not in blob and ids[0]["SeriesInstanceUID"].encode() not in blob
+
+
+@pytest.mark.parametrize("choice", ["samples", "channels"])
+def test_4d_nifti_is_split_into_volumes_or_kept_as_channels_by_choice(tmp_path: Path, choice: str):
+    from pretrain.data.nifti import load_nifti
+
+    src = tmp_path / "src" / "sub01"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    bold = rng.integers(0, 1000, (4, 5, 6, 3), dtype=np.int16)
+    nibabel.save(nibabel.Nifti1Image(bold, np.diag([-2.0, 2.0, 3.0, 1.0])), src / "bold.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(bold[..., 0], np.eye(4)), src / "t1.nii.gz")
+    manifests = write_medical_shards(tmp_path / "src", tmp_path / "out", salt=SALT, workers=0, progress=False,
+                                     nifti_4d=choice)
+    manifest = manifests["train"]
+    assert manifest["conversion"] == {"orientation": "SAR", "nifti_4d": choice}
+    samples = _read_split(tmp_path / "out" / "train")
+    whole, _ = load_nifti(src / "bold.nii.gz")  # (3, D, H, W): the volumes as channels, canonical
+    if choice == "samples":
+        assert manifest["num_samples"] == 4 and manifest["channels"] == [1]
+        frames = {s["meta"]["time_point"]: s["image"] for s in samples if "time_point" in s["meta"]}
+        assert sorted(frames) == [0, 1, 2]
+        for t, image in frames.items():
+            np.testing.assert_array_equal(image, whole[t:t + 1])
+    else:
+        assert manifest["num_samples"] == 2 and manifest["channels"] == [1, 3]
+        assert not any("time_point" in s["meta"] for s in samples)
+    assert all(s["meta"]["orientation"] == "SAR" for s in samples)
+    with pytest.raises(ValueError, match="choose samples or channels"):
+        write_medical_shards(tmp_path / "src", tmp_path / "o2", salt=SALT, workers=0, progress=False, nifti_4d="x")

@@ -29,6 +29,7 @@ def test_matches_nibabel_closest_canonical(name: str):
     np.testing.assert_allclose(image.astype(np.float64), expected, rtol=1e-6, atol=1e-5)
     assert nibabel.aff2axcodes(canonical.affine) == ("R", "A", "S")
     assert meta["orientation"] == "SAR"
+    assert meta["original_orientation"] == "".join(nibabel.aff2axcodes(nibabel.load(path).affine))[::-1]
     assert meta["spacing"] == pytest.approx([float(z) for z in canonical.header.get_zooms()[2::-1]], rel=1e-6)
     assert meta["channels"] == image.shape[0] and meta["spatial_dims"] == 3
 

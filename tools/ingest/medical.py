@@ -3,7 +3,7 @@
     pretrain shards medical SRC OUT [--reports CSV|JSONL] [--splits 0.8,0.1,0.1]
                                     [--spacing D H W] [--preset ct_lung|ct_soft_tissue|ct_bone|mri]
                                     [--workers N] [--samples-per-shard N] [--shard-mb MB]
-                                    [--salt-file PATH] [--overwrite] [--no-progress]
+                                    [--nifti-4d samples|channels] [--salt-file PATH] [--overwrite] [--no-progress]
 
 Files are recognised by content (DICOM preamble or a forced DICOM parse) or by
 name (``.nii``/``.nii.gz``, and the PNG/JPEG/TIFF/NPY the plain writer reads).
@@ -12,6 +12,13 @@ file is one sample keyed by ``hmac-sha256(salt, uid or path)``. Patients
 (DICOM PatientID; else the report's ``patient``; else the file's top folder)
 go whole into ``OUT/train``, ``OUT/val`` or ``OUT/test``, each with its own
 manifest.json. No UID, name or path of a sample reaches the shards.
+
+Every volume is stored in one orientation, RAS canonical (``"SAR"`` in our
+``(C, D, H, W)`` order, ``pretrain.data.orientation``), whether it came from
+DICOM or NIfTI. A 4-D NIfTI file (fMRI, DWI, several echoes) is, by the
+explicit ``nifti_4d`` choice recorded in each manifest's ``conversion``,
+either one sample per volume (``samples``, the default: each records its
+``time_point``) or one sample with the volumes as channels (``channels``).
 
 Restartable: ``OUT/journal.jsonl`` records each completed shard with the
 samples it holds (appended after the shard's atomic rename). A rerun with the
@@ -42,7 +49,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pretrain.data.codec import encode_sample
 from pretrain.data.dicom import SeriesError, group_series, has_dicom_preamble, load_dicom_series, read_dicom_header
 from pretrain.data.manifest import ManifestBuilder, file_sha256, write_manifest
-from pretrain.data.nifti import NiftiError, is_nifti_path, load_nifti
+from pretrain.data.nifti import NiftiError, is_nifti_path, load_nifti, time_points
+from pretrain.data.orientation import CANONICAL
 from pretrain.data.privacy import hashed_key, load_salt, safe_metadata, salt_fingerprint
 from pretrain.data.readers import SUPPORTED_SUFFIXES, ReadError, read_image_file
 from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
@@ -53,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.jsonl"
 SKIPPED_NAME = "skipped.json"
+NIFTI_4D = ("samples", "channels")  # a 4-D NIfTI file: one sample per volume, or its volumes as channels
 _PREFIX = "shard"
 
 
@@ -69,16 +78,23 @@ class WorkItem:
     text: str | None
     label: int | None
     label_name: str | None
+    patient: str = ""  # the salted patient key (a pseudonym): evaluation resamples patients by it
+    time_point: int | None = None  # the one volume of a 4-D NIfTI file this sample is
 
 
 def plan_items(
-    src: Path, files: Sequence[str], salt: bytes, ratios: dict[str, float], reports: ReportsTable | None, pool: Any
+    src: Path, files: Sequence[str], salt: bytes, ratios: dict[str, float], reports: ReportsTable | None, pool: Any,
+    nifti_4d: str = "samples",
 ) -> tuple[list[WorkItem], list[dict[str, str]]]:
     """Sort ``files`` into work items (sorted by key) and unrecognised files ``[{path, reason}]``."""
     items, skipped, maybe_dicom = [], [], []
     for rel in files:
         if is_nifti_path(rel):
-            items.append(_file_item(src, rel, "nifti", salt, ratios, reports))
+            item = _file_item(src, rel, "nifti", salt, ratios, reports)
+            count = _time_points(src / rel) if nifti_4d == "samples" else 1
+            items += [item] if count == 1 else [
+                dataclasses.replace(item, key=hashed_key(salt, f"path:{rel}#t{t}"), time_point=t,
+                                    where=f"{rel} (time point {t})") for t in range(count)]
         elif PurePosixPath(rel).suffix.lower() in SUPPORTED_SUFFIXES:
             items.append(_file_item(src, rel, "image", salt, ratios, reports))
         else:
@@ -106,6 +122,14 @@ def plan_items(
     return items, skipped
 
 
+def _time_points(path: Path) -> int:
+    """Volumes along a NIfTI file's 4th axis; 1 when its header cannot be read (loading then says why)."""
+    try:
+        return time_points(path)
+    except Exception:  # noqa: BLE001 - the conversion of this file reports the reason
+        return 1
+
+
 def _file_item(
     src: Path, rel: str, kind: str, salt: bytes, ratios: dict[str, float], reports: ReportsTable | None
 ) -> WorkItem:
@@ -119,7 +143,8 @@ def _file_item(
 def _item(key: str, patient_key: str, ratios: dict[str, float], kind: str, paths: tuple[str, ...], root: Path,
           where: str, row: Any) -> WorkItem:
     return WorkItem(key, assign_split(patient_key, ratios), kind, paths, str(root), where,
-                    row.text if row else None, row.label if row else None, row.label_name if row else None)
+                    row.text if row else None, row.label if row else None, row.label_name if row else None,
+                    patient_key)
 
 
 def convert_item(item: WorkItem, target_spacing: Sequence[float] | None, preset: str | None) -> dict[str, Any]:
@@ -128,7 +153,7 @@ def convert_item(item: WorkItem, target_spacing: Sequence[float] | None, preset:
         if item.kind == "dicom":
             image, meta = load_dicom_series(item.paths)
         elif item.kind == "nifti":
-            image, meta = load_nifti(item.paths[0])
+            image, meta = load_nifti(item.paths[0], time_point=item.time_point)
         else:
             image, meta = read_image_file(item.paths[0])
             meta = dict(meta, kind="image", modality=None, body_part=None, orientation=None, rescale_applied=False)
@@ -139,7 +164,8 @@ def convert_item(item: WorkItem, target_spacing: Sequence[float] | None, preset:
     except Exception as e:  # noqa: BLE001 - one odd file (decoder bug, broken tag) must not stop a million-file run
         reason = f"unexpected {type(e).__name__}: {e}"
     else:
-        meta = safe_metadata(dict(meta, label=item.label, label_name=item.label_name, split=item.split))
+        meta = safe_metadata(dict(meta, label=item.label, label_name=item.label_name, split=item.split,
+                                  patient=item.patient or None))
         members = encode_sample(item.key, image, meta, item.text)
         return {"ok": members, "shape": list(image.shape), "dtype": str(image.dtype)}
     return {"failed": reason.replace(item.root.rstrip("/") + "/", "")}
@@ -253,6 +279,7 @@ def write_medical_shards(
     max_samples_per_shard: int = 256,
     max_shard_bytes: int = 1024 * 2**20,
     salt: str | bytes | Path | None = None,
+    nifti_4d: str = "samples",
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, dict[str, Any]]:
@@ -268,6 +295,8 @@ def write_medical_shards(
         raise ValueError(f"unknown intensity preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if target_spacing is not None and (len(target_spacing) != 3 or not all(float(t) > 0 for t in target_spacing)):
         raise ValueError(f"target spacing {target_spacing!r} must be three positive numbers [d, h, w] in mm")
+    if nifti_4d not in NIFTI_4D:
+        raise ValueError(f"4-D NIfTI handling {nifti_4d!r}: choose {' or '.join(NIFTI_4D)}")
     salt_bytes = load_salt(salt)
     ratios = parse_split_ratios(split_ratios)
     table = read_reports(reports) if reports is not None else None
@@ -276,13 +305,15 @@ def write_medical_shards(
     if not files:
         raise ValueError(f"{src}: no candidate files found")
     settings = {
-        "salt": salt_fingerprint(salt_bytes),
+        "salt_fingerprint": salt_fingerprint(salt_bytes),  # HMAC tag of the salt: checks a resume uses the same one
         "ratios": ratios,
         "target_spacing": None if target_spacing is None else [float(t) for t in target_spacing],
         "preset": preset,
         "reports_sha256": file_sha256(reports) if reports is not None else None,
         "max_samples_per_shard": max_samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
+        "orientation": CANONICAL,
+        "nifti_4d": nifti_4d,
     }
     out_path.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -295,7 +326,7 @@ def write_medical_shards(
         raise ValueError(f"workers must be >= 0, got {workers}")
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     try:
-        items, skipped = plan_items(src_path, files, salt_bytes, ratios, table, pool)
+        items, skipped = plan_items(src_path, files, salt_bytes, ratios, table, pool, nifti_4d)
         return _write_items(src_path, out_path, items, skipped, journal, table, ratios, pool,
                             (settings["target_spacing"], preset), max_samples_per_shard, max_shard_bytes, progress)
     finally:
@@ -308,8 +339,10 @@ def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict
                  max_samples: int, max_bytes: int, progress: bool) -> dict[str, dict[str, Any]]:
     classes = table.classes if table else None
     # Output files name inputs by their salted keys only: folder and file names can identify patients.
-    source = f"medical conversion, salt {journal.entries[0]['settings']['salt']}"
-    builders = {s: ManifestBuilder(source=source, classes=classes) for s in SPLIT_NAMES if ratios[s] > 0}
+    source = f"medical conversion, salt fingerprint {journal.entries[0]['settings']['salt_fingerprint']}"
+    conversion = {key: journal.entries[0]["settings"].get(key) for key in ("orientation", "nifti_4d")}
+    builders = {s: ManifestBuilder(source=source, classes=classes, conversion=conversion)
+                for s in SPLIT_NAMES if ratios[s] > 0}
     done: set[str] = set()
     for entry in journal.shards():
         shard = entry["shard"]

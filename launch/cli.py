@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from pretrain.tools.cli.args import Parser
 from pretrain.launch.local import add_local_parser
 from pretrain.launch.slurm import add_slurm_parser
 from pretrain.launch.status import add_status_parser
 
 
-class OverridesAnywhereParser(argparse.ArgumentParser):
+class OverridesAnywhereParser(Parser):
     """A launcher's parser that takes dotted overrides after options too: ``CONFIG --nproc 2 optim.lr=3e-4``.
 
     Plain argparse fills a ``nargs="*"`` positional once, so overrides written

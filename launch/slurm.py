@@ -256,16 +256,16 @@ def _launch_slurm_cli(args: argparse.Namespace) -> int:
 def add_slurm_parser(launch_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``pretrain launch slurm`` under the ``launch`` subcommand group."""
     p = launch_subparsers.add_parser("slurm", help="train on a SLURM cluster (one task per GPU) through submitit")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config of the run (as for `pretrain train`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.run_dir=runs/x")
     p.add_argument("--time", required=True, help="time limit per allocation: minutes, HH:MM:SS or D-HH:MM:SS")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes per allocation")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task (rank) per GPU")
     p.add_argument("--tasks-per-node", type=int, help="ranks per node on CPU-only nodes (default 1)")
     p.add_argument("--cpus-per-task", type=int, help="CPU cores per rank (also its OMP_NUM_THREADS)")
     for flag in ("partition", "account", "qos", "constraint", "mem", "exclude", "dependency"):
         p.add_argument(f"--{flag}", help=f"sbatch --{flag}")
-    p.add_argument("--job-name", default="medpretrain")
+    p.add_argument("--job-name", default="medpretrain", help="SLURM job name")
     p.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which the job checkpoints and requeues itself (default 120)")
     p.add_argument("--max-retries", type=int, default=1, help="requeues after a failure before giving up (default 1)")

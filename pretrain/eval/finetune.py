@@ -20,6 +20,7 @@ import webdataset as wds
 from pretrain.config import RunConfig, config_to_dict
 from pretrain.config.load import apply_override, normalise_sources
 from pretrain.config.typed import build
+from pretrain.data.errors import DataError
 from pretrain.data.stream import expand_shards
 from pretrain.data.transforms import eval_view
 from pretrain.eval.features import stream_features
@@ -52,7 +53,7 @@ def label_counts(spec: str | list[str]) -> tuple[Counter, int | None]:
         elif "cls" in raw:
             counts[int(raw["cls"])] += 1
         else:
-            raise ValueError(f"{raw.get('__url__', spec)}: sample {raw.get('__key__')!r} has no label "
+            raise DataError(f"{raw.get('__url__', spec)}: sample {raw.get('__key__')!r} has no label "
                              "(fine-tuning needs a .cls member or meta 'labels')")
     if width is not None:
         n = counts.pop("__n__")

@@ -16,6 +16,7 @@ import webdataset as wds
 from torch import nn
 
 from pretrain.data.codec import decode_sample
+from pretrain.data.errors import DataError
 from pretrain.data.stream import expand_shards
 from pretrain.models.encoder import eval_mode
 
@@ -27,7 +28,7 @@ def iter_labelled_samples(spec: str | list[str]) -> Iterator[dict]:
     for raw in dataset:
         sample = decode_sample(raw)
         if sample["label"] is None:
-            raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r} has no label; kNN needs labelled shards")
+            raise DataError(f"{sample['__url__']}: sample {sample['__key__']!r} has no label; kNN needs labelled shards")
         yield sample
 
 

@@ -5,6 +5,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from pretrain.data.manifest import (
     write_manifest,
 )
 from pretrain.tools.ingest.cli import add_shards_parser
-from pretrain.tools.ingest.images import sample_key, write_shards
+from pretrain.tools.ingest.images import sample_key, write_shards, write_split_shards
 
 RNG = np.random.default_rng(1)
 
@@ -286,3 +287,87 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="num_samples is 5 but the shards hold 0"):
         write_manifest(tmp_path, inconsistent)
     assert json.loads((tmp_path / "manifest.json").read_text()) == {"format": "other/9"}  # left untouched
+
+
+def _patients_folder(tmp_path: Path, patients: int = 30, per_patient: int = 3) -> tuple[Path, Path]:
+    """PNGs of ``patients`` patients, ``per_patient`` each, and a labels CSV naming the patient and a report."""
+    src = tmp_path / "png"
+    src.mkdir()
+    lines = ["path,label,patient,report"]
+    for p in range(patients):
+        for i in range(per_patient):
+            Image.fromarray(RNG.integers(0, 256, (8, 8), np.uint8)).save(src / f"p{p:02d}_{i}.png")
+            lines.append(f"p{p:02d}_{i}.png,{'ab' if p % 2 else 'normal'},MRN-{p:04d},finding {p} view {i}")
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return src, csv_path
+
+
+def _split_of(out: Path) -> dict[str, list[dict]]:
+    return {split: _read_back(out / split) for split in ("train", "val", "test") if (out / split).is_dir()}
+
+
+def test_image_splits_keep_a_patient_together_and_are_seeded(tmp_path: Path) -> None:
+    src, csv_path = _patients_folder(tmp_path)
+    out = tmp_path / "out"
+    manifests = write_split_shards(src, out, "0.6,0.2,0.2", labels_csv=csv_path, group_by="patient", progress=False)
+    assert sum(m["num_samples"] for m in manifests.values()) == 90 and set(manifests) == {"train", "val", "test"}
+    by_split = _split_of(out)
+    split_of_patient: dict[str, set[str]] = {}
+    for split, samples in by_split.items():
+        assert len(samples) == manifests[split]["num_samples"] > 0
+        assert read_manifest(out / split)["num_samples"] == len(samples)
+        for s in samples:
+            assert s["meta"]["split"] == split
+            split_of_patient.setdefault(s["meta"]["patient"], set()).add(split)
+            assert s["text"].startswith("finding ")  # the report column became the sample's text
+    assert len(split_of_patient) == 30 and all(len(v) == 1 for v in split_of_patient.values())
+    # the patient is recorded as a tag, never as the CSV's identifier
+    raw = b"".join(p.read_bytes() for p in out.rglob("*.tar"))
+    assert b"MRN-" not in raw
+
+    again = write_split_shards(src, tmp_path / "again", "0.6,0.2,0.2", labels_csv=csv_path, group_by="patient",
+                               progress=False)
+    assert {k: m["shards"] for k, m in again.items()} == {k: m["shards"] for k, m in manifests.items()}
+    other = write_split_shards(src, tmp_path / "other", "0.6,0.2,0.2", labels_csv=csv_path, group_by="patient",
+                               split_seed=1, progress=False)
+    assert {k: m["num_samples"] for k, m in other.items()} != {k: m["num_samples"] for k, m in manifests.items()} \
+        or {k: m["shards"] for k, m in other.items()} != {k: m["shards"] for k, m in manifests.items()}
+
+
+def test_image_splits_without_groups_split_files(tmp_path: Path) -> None:
+    src, _ = _patients_folder(tmp_path, patients=40, per_patient=1)
+    manifests = write_split_shards(src, tmp_path / "out", {"train": 0.5, "val": 0.5}, progress=False)
+    assert set(manifests) == {"train", "val"} and not (tmp_path / "out" / "test").exists()
+    counts = [m["num_samples"] for m in manifests.values()]
+    assert sum(counts) == 40 and min(counts) >= 10
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--group-by", "patient"], "needs a labels CSV"),
+    (["--labels", "{csv}", "--group-by", "ward", "--splits", "0.5,0.5,0"], "lacks column(s) ward"),
+    (["--reports", "{csv}"], "for images give a report column in --labels"),
+    (["--splits", "1,2"], "give three numbers"),
+])
+def test_cli_split_errors_name_the_option(tmp_path: Path, argv: list[str], message: str) -> None:
+    src, csv_path = _patients_folder(tmp_path, patients=2, per_patient=1)
+    parser = argparse.ArgumentParser(prog="pretrain")
+    add_shards_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["shards", "write", str(src), str(out), "--no-progress",
+                              *[a.format(csv=csv_path) for a in argv]])
+    with pytest.raises(SystemExit, match=r"pretrain shards write: error: .*" + re.escape(message)):
+        args.func(args)
+    assert not out.exists() or not any(out.rglob("*.tar"))
+
+
+def test_cli_write_with_splits_prints_each_split(tmp_path: Path, capsys) -> None:
+    src, csv_path = _patients_folder(tmp_path, patients=10, per_patient=2)
+    parser = argparse.ArgumentParser(prog="pretrain")
+    add_shards_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["shards", "write", str(src), str(out), "--labels", str(csv_path), "--splits",
+                              "0.5,0.25,0.25", "--group-by", "patient", "--no-progress"])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.rsplit("-> ", 1)[1] for line in lines] == [str(out / s) for s in ("train", "val", "test")]

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 from pretrain.tools.bench import common
 from pretrain.tools.bench.common import (DEFAULT_CONFIG, LVM_CONFIG, BenchInputError, default_out, load_average, new_result,
                                          recorded_path, write_result)
-from pretrain.tools.cli.args import positive_number
+from pretrain.tools.cli.args import HelpFormatter, positive_number
 
 # --- command line ---------------------------------------------------------------------------
 def _int_list(choices: Sequence[int] | None = None):
@@ -140,7 +140,7 @@ def _float_list(text: str) -> list[float]:
 def add_bench_parser(subparsers: Any) -> Any:
     """Register ``pretrain bench {data,step,kernels,shards,lvm-solver}`` on an argparse subparsers object; returns the group."""
     parser = subparsers.add_parser("bench", help="benchmark the data loaders, the trainer's step overhead, kernels, shard conversion, LVM-Med's solver",
-                                   description=common.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=common.__doc__, formatter_class=HelpFormatter)
     actions = parser.add_subparsers(dest="bench_command", required=True)
 
     data = actions.add_parser("data", help="samples/s per core of the 2D and 3D loaders")

@@ -166,7 +166,7 @@ def add_suite_parsers(ev: Any) -> None:
                    help=f"default: all that apply ({' '.join(PROTOCOLS)})")
     s.set_defaults(func=_eval_suite, protocols_given=False)
     what = {"linear": "linear probe (DINOv2's grid of feature sets and weight decays)",
-            "fewshot": "few-shot probes: 1-16 shots per class and 1/10/100 % of the labels, several draws",
+            "fewshot": "few-shot probes: 1-16 shots per class and 1/10/100 %% of the labels, several draws",
             "segment": "dense probe: a linear head on frozen patch tokens, Dice and IoU per class",
             "finetune": "end-to-end fine-tuning (layer-wise lr decay, drop path), resumable like pretraining"}
     for name, help_ in what.items():

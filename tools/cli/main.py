@@ -8,6 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from pretrain.tools.cli.args import Parser, positive_number
+
+
+EXIT_USAGE = 2  # a config, option or path the user gave (argparse's own code for bad options)
+EXIT_DATA = 3  # shards or samples that cannot serve the command
+
 
 def _train(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
@@ -175,11 +181,11 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description="medpretrain: pretrain medical-imaging encoders")
+    parser = Parser(prog="pretrain", description="medpretrain: pretrain medical-imaging encoders")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain (or resume) a run from a YAML config")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config (configs/ holds one per method); `pretrain config explain` lists its keys")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     p.add_argument("--no-export", action="store_true", help="skip the export at the end")
     p.set_defaults(func=_train)
@@ -191,12 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("overrides", nargs="*", help="config overrides with --random-init")
     k.add_argument("--train", required=True, help="labelled shards: the kNN memory bank")
     k.add_argument("--val", required=True, help="labelled shards: the queries")
-    k.add_argument("--k", type=int, default=20)
-    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--k", type=positive_number(int), default=20, help="neighbours that vote")
+    k.add_argument("--temperature", type=positive_number(float), default=0.07,
+                   help="softmax temperature of the neighbours' cosine weights")
     k.add_argument("--pool", choices=["cls", "mean", "cls+mean"],
                    help="token pooling (default: the one the encoder's objective uses in training)")
     k.add_argument("--intensity", choices=["zscore", "range", "none"], help="default: the one the encoder was trained with")
-    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--batch-size", type=positive_number(int), default=64, help="images per feature-extraction batch")
     k = ev.add_parser("knn", parents=[_common], help="weighted kNN top-1 of a frozen encoder on labelled shards")
     k.set_defaults(func=_eval_knn)
     pr = ev.add_parser("probe", parents=[_common],
@@ -211,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         it.add_argument("--random-init", metavar="CONFIG", help="evaluate a random-init model built from CONFIG")
         it.add_argument("overrides", nargs="*", help="config overrides with --random-init")
         it.add_argument("--val", required=True, help="labelled shards (with reports for retrieval)")
-        it.add_argument("--batch-size", type=int, default=64)
+        it.add_argument("--batch-size", type=positive_number(int), default=64, help="images per embedding batch")
         it.set_defaults(func=_eval_image_text)
     from pretrain.tools.cli.eval_cmd import add_suite_parsers
 
@@ -222,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards = add_shards_parser(sub)
     add_medical_parser(shards)
     d = shards.add_parser("demo", help="generate the embedded synthetic demo data set as shards")
-    d.add_argument("out")
-    d.add_argument("--scale", type=float, default=1.0, help="multiply every split's sample count")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("out", help="folder for the demo's shard sets, class prompts and text tower")
+    d.add_argument("--scale", type=positive_number(float), default=1.0, help="multiply every split's sample count")
+    d.add_argument("--seed", type=int, default=0, help="seed of the generated phantoms")
     d.set_defaults(func=_demo_data)
 
     e = sub.add_parser("export", help="export an encoder to a hub folder for timm, MONAI or open_clip (`export push` uploads it)")
@@ -274,13 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         from pretrain.config import ConfigError
+        from pretrain.data.codec import SampleDecodeError
+        from pretrain.data.errors import DataError
+        from pretrain.data.manifest import ManifestError
         from pretrain.tools.export.encoder import ExportError
         from pretrain.tools.export.push import PushError
         from pretrain.tools.scaling.cli import ScalingError
 
         if isinstance(e, (ConfigError, FileNotFoundError, ExportError, PushError, ScalingError)):
             print(f"pretrain: error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
+        if isinstance(e, (DataError, ManifestError, SampleDecodeError)):
+            print(f"pretrain: data error: {e}", file=sys.stderr)
+            return EXIT_DATA
         raise
 
 

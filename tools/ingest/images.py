@@ -1,7 +1,7 @@
 """Turn a folder of image files into webdataset ``.tar`` shards plus ``manifest.json``.
 
-    pretrain shards write SRC OUT [--labels CSV] [--samples-per-shard N] [--shard-mb MB]
-                                  [--overwrite] [--no-progress]
+    pretrain shards write SRC OUT [--labels CSV] [--splits TR,VA,TE [--group-by COLUMN] [--split-seed S]]
+                                  [--samples-per-shard N] [--shard-mb MB] [--overwrite] [--no-progress]
     pretrain shards verify OUT
 
 Files are visited in sorted relative-path order, so the same folder always
@@ -9,6 +9,15 @@ gives the same shards (tar members carry a fixed mtime: byte-identical
 output). Each shard is written under ``<name>.tmp`` and renamed when
 complete; the manifest is written last, so a folder with a manifest is whole.
 A file that cannot be read is logged, listed in the manifest and skipped.
+
+The labels CSV has a ``path`` column (relative to SRC) and any of ``label``
+(class name or index), ``report`` (free text, stored as the sample's ``.txt``
+for image-text training) and a grouping column such as ``patient``. With
+``--splits`` the files go to ``OUT/train``, ``OUT/val`` and ``OUT/test``, each
+with its manifest; a file's split is a seeded hash of its group (the
+``--group-by`` column, else its own path), so all images of one patient land
+in one split, and samples record ``split`` and, with ``--group-by``, a hash of
+the group as ``patient`` (evaluation resamples patients by it).
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pretrain.data.codec import encode_sample
 from pretrain.data.manifest import MANIFEST_NAME, ManifestBuilder, write_manifest
 from pretrain.data.readers import ReadError, parse_spacing, read_image_file
+from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +55,14 @@ _MAX_INTEGER_LABEL = 100_000  # integer labels are class indices; larger ones ar
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One labels-CSV row: its line, class index and name (or None), spacing override (or None)."""
+    """One labels-CSV row: its line, class index and name, spacing override, report text and group (each or None)."""
 
     line: int
     label: int | None
     label_name: str | None
     spacing: list[float] | None
+    report: str | None = None
+    group: str | None = None
 
 
 def sample_key(rel_path: str) -> str:
@@ -87,19 +99,25 @@ def list_source_files(src: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
     return sorted(found)
 
 
-def read_labels_csv(csv_path: Path, src: Path, source_files: set[str]) -> tuple[list[str] | None, dict[str, LabelRow]]:
+def read_labels_csv(
+    csv_path: Path, src: Path, source_files: set[str], group_column: str | None = None
+) -> tuple[list[str] | None, dict[str, LabelRow]]:
     """Parse a labels CSV into ``(classes, {relative path: LabelRow})``.
 
-    Columns: ``path`` (relative to ``src``), ``label`` (class name or integer;
-    empty means unlabeled), optional ``spacing``; others are ignored. Class
-    names sort into indices; all-integer labels are their own indices.
+    Columns: ``path`` (relative to ``src``) and at least one of ``label`` (class
+    name or integer; empty means unlabeled), ``report`` (free text) and
+    ``group_column``; optional ``spacing``; others are ignored. Class names
+    sort into indices; all-integer labels are their own indices.
     Raises ``ValueError`` naming the CSV file and line.
     """
+    group_key = group_column.strip().lower() if group_column else None
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = {name.strip().lower(): name for name in reader.fieldnames or [] if name is not None}
-            missing = [col for col in ("path", "label") if col not in header]
+            missing = [col for col in ("path",) + ((group_key,) if group_key else ()) if col not in header]
+            if not missing and not {"label", "report"} & set(header) and not group_key:
+                missing = ["label (or report)"]
             if missing:
                 raise ValueError(
                     f"{csv_path}: labels CSV lacks column(s) {', '.join(missing)} (header: {reader.fieldnames})"
@@ -109,8 +127,10 @@ def read_labels_csv(csv_path: Path, src: Path, source_files: set[str]) -> tuple[
         raise ValueError(f"{csv_path}: labels CSV is not readable: {e}") from e
 
     parsed: dict[str, tuple[int, str, list[float] | None]] = {}
+    extra: dict[str, tuple[str | None, str | None]] = {}  # path -> (report, group)
     for line, row in raw_rows:
         cells = {col: (row.get(name) or "").strip() for col, name in header.items()}
+        cells.setdefault("label", "")
         where = f"{csv_path}:{line}"
         rel = _normalise_csv_path(cells["path"], where)
         if rel in parsed:
@@ -119,7 +139,10 @@ def read_labels_csv(csv_path: Path, src: Path, source_files: set[str]) -> tuple[
             reason = "does not exist" if not (src / rel).exists() else "is not an image file that gets converted"
             raise ValueError(f"{where}: path {rel!r} {reason} under {src}")
         spacing = parse_spacing(cells["spacing"], None, where) if cells.get("spacing") else None
+        if group_key and not cells[group_key]:
+            raise ValueError(f"{where}: empty {group_column!r} (every listed file needs its group for --group-by)")
         parsed[rel] = (line, cells["label"], spacing)
+        extra[rel] = (cells.get("report") or None, cells[group_key] if group_key else None)
 
     names = {label for _, label, _ in parsed.values() if label}
     if not names:
@@ -137,7 +160,8 @@ def read_labels_csv(csv_path: Path, src: Path, source_files: set[str]) -> tuple[
         classes = sorted(names)
         index = {n: i for i, n in enumerate(classes)}
     rows = {
-        rel: LabelRow(line, index[label] if label else None, classes[index[label]] if label else None, spacing)
+        rel: LabelRow(line, index[label] if label else None, classes[index[label]] if label else None, spacing,
+                      *extra[rel])
         for rel, (line, label, spacing) in parsed.items()
     }
     return classes, rows
@@ -263,6 +287,7 @@ def write_shards(
     out: str | Path,
     *,
     labels_csv: str | Path | None = None,
+    group_by: str | None = None,
     max_samples_per_shard: int = 1000,
     max_shard_bytes: int = 256 * 2**20,
     prefix: str = "shard",
@@ -276,46 +301,106 @@ def write_shards(
     shard of its own). Unreadable files are logged, recorded under
     ``failed`` in the manifest, and skipped. Refuses an ``out`` that already
     holds shards unless ``overwrite`` (which deletes its ``*.tar`` and manifest).
+    ``group_by`` names a labels-CSV column (e.g. patient) recorded, hashed, as each sample's ``patient``.
     """
+    return _write(src, out, None, labels_csv=labels_csv, group_by=group_by, split_seed=0,
+                  max_samples_per_shard=max_samples_per_shard, max_shard_bytes=max_shard_bytes, prefix=prefix,
+                  progress=progress, overwrite=overwrite)[None]
+
+
+def write_split_shards(
+    src: str | Path,
+    out: str | Path,
+    split_ratios: dict[str, float] | str,
+    *,
+    labels_csv: str | Path | None = None,
+    group_by: str | None = None,
+    split_seed: int = 0,
+    max_samples_per_shard: int = 1000,
+    max_shard_bytes: int = 256 * 2**20,
+    prefix: str = "shard",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """As ``write_shards``, into ``out/train``, ``out/val``, ``out/test`` (those with a share); ``{split: manifest}``.
+
+    A file's split is a hash of ``split_seed`` and its group: the ``group_by``
+    column of the labels CSV (all images of one patient share a split), else
+    its own path. The same files, ratios and seed always give the same splits.
+    """
+    ratios = parse_split_ratios(split_ratios)
+    return _write(src, out, ratios, labels_csv=labels_csv, group_by=group_by, split_seed=split_seed,
+                  max_samples_per_shard=max_samples_per_shard, max_shard_bytes=max_shard_bytes, prefix=prefix,
+                  progress=progress, overwrite=overwrite)
+
+
+def _group_tag(split_seed: int, group: str) -> str:
+    """What a sample records as its ``patient``: a tag of its group, not the group's text."""
+    return hashlib.sha256(f"medpretrain-group\0{split_seed}\0{group}".encode()).hexdigest()[:16]
+
+
+def _write(
+    src: str | Path, out: str | Path, ratios: dict[str, float] | None, *, labels_csv: str | Path | None,
+    group_by: str | None, split_seed: int, max_samples_per_shard: int, max_shard_bytes: int, prefix: str,
+    progress: bool, overwrite: bool,
+) -> dict[str | None, dict[str, Any]]:
     src_path, out_path = check_conversion_args(src, out, max_samples_per_shard, max_shard_bytes)
     if not _SHARD_PREFIX.fullmatch(prefix):
         # Braces, dots and slashes would clash with webdataset's "{000000..000009}" URL patterns.
         raise ValueError(f"shard prefix {prefix!r} may hold only letters, digits, '_' and '-'")
+    if group_by and labels_csv is None:
+        raise ValueError(f"grouping by {group_by!r} needs a labels CSV (--labels) with that column")
 
     csv_path = Path(labels_csv) if labels_csv is not None else None
     files = list_source_files(src_path, exclude=(out_path,) + ((csv_path,) if csv_path else ()))
     if not files:
         raise ValueError(f"{src}: no candidate image files found")
-    classes, rows = read_labels_csv(csv_path, src_path, set(files)) if csv_path else (None, {})
-    _prepare_out(out_path, prefix, overwrite)  # only after the input checked out: nothing is lost on bad input
+    classes, rows = read_labels_csv(csv_path, src_path, set(files), group_by) if csv_path else (None, {})
+    splits = [name for name in SPLIT_NAMES if ratios[name] > 0] if ratios else [None]
+    folders = {name: out_path / name if name else out_path for name in splits}
+    for folder in folders.values():  # only after the input checked out: nothing is lost on bad input
+        _prepare_out(folder, prefix, overwrite)
 
-    builder = ManifestBuilder(source=str(src), classes=classes)
-    sink = ShardSink(out_path, prefix, max_samples_per_shard, max_shard_bytes, builder)
+    builders = {name: ManifestBuilder(source=str(src), classes=classes) for name in splits}
+    sinks = {name: ShardSink(folders[name], prefix, max_samples_per_shard, max_shard_bytes, builders[name])
+             for name in splits}
     bar = tqdm(files, desc="shards", unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    failed = 0
     try:
         with logging_redirect_tqdm():
             for rel in bar:
-                members = _convert(src_path, rel, rows.get(rel), csv_path, builder)
+                row = rows.get(rel)
+                group = row.group if row is not None and row.group else rel
+                split = assign_split(f"{split_seed}\0{group}", ratios) if ratios else None
+                extra = {"split": split} if split else {}
+                if group_by:
+                    extra["patient"] = _group_tag(split_seed, group)
+                members = _convert(src_path, rel, row, csv_path, builders[split], extra)
                 if members is None:
-                    bar.set_postfix(failed=len(builder.failed), refresh=False)
+                    failed += 1
+                    bar.set_postfix(failed=failed, refresh=False)
                 else:
-                    sink.write(members)
-        sink.finish()
+                    sinks[split].write(members)
+        for sink in sinks.values():
+            sink.finish()
     except BaseException:
-        sink.abort()
+        for sink in sinks.values():
+            sink.abort()
         raise
     finally:
         bar.close()
-    manifest = builder.to_dict()
-    write_manifest(out_path, manifest)
-    if builder.failed:
-        failed, manifest_path = len(builder.failed), out_path / MANIFEST_NAME
-        logger.warning("%d of %d files could not be converted; see 'failed' in %s", failed, len(files), manifest_path)
-    return manifest
+    manifests = {}
+    for name, builder in builders.items():
+        manifests[name] = builder.to_dict()
+        write_manifest(folders[name], manifests[name])
+    if failed:
+        where = ", ".join(str(folders[name] / MANIFEST_NAME) for name in splits)
+        logger.warning("%d of %d files could not be converted; see 'failed' in %s", failed, len(files), where)
+    return manifests
 
 
 def _convert(
-    src: Path, rel: str, row: LabelRow | None, csv_path: Path | None, builder: ManifestBuilder
+    src: Path, rel: str, row: LabelRow | None, csv_path: Path | None, builder: ManifestBuilder, extra: dict[str, Any]
 ) -> dict[str, Any] | None:
     """Tar members for one file, or None after recording why it could not be read."""
     try:
@@ -329,7 +414,8 @@ def _convert(
         return None
     meta["label"] = row.label if row is not None else None
     meta["label_name"] = row.label_name if row is not None else None
+    meta.update(extra)
     builder.add_sample(image.shape, str(image.dtype))
-    return encode_sample(sample_key(rel), image, meta)
+    return encode_sample(sample_key(rel), image, meta, text=row.report if row is not None else None)
 
 

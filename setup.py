@@ -47,6 +47,7 @@ setup(
         "scipy>=1.11,<2",
         "threadpoolctl>=3.1,<4",
         "matplotlib>=3.8,<4",
+        "psutil>=5.9",  # the thread plan looks at how busy the usable cores are at start
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],

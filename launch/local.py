@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Sequence
 
 from pretrain.engine.distributed import free_port
+from pretrain.engine.threads import usable_cores
 
 POLL_S = 0.05
 TERM_TIMEOUT_S = 10.0  # after SIGTERM, how long a rank may take to exit before SIGKILL
@@ -29,8 +30,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def threads_per_rank(nproc: int) -> int:
     """CPU cores available to this process, shared evenly among ``nproc`` ranks (at least 1 each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // nproc)
+    return max(1, usable_cores()[0] // nproc)
 
 
 def rank_environment(rank: int, world_size: int, master_port: int, base: dict[str, str]) -> dict[str, str]:
@@ -328,7 +328,7 @@ def _launch_local_cli(args: argparse.Namespace) -> int:
 def add_local_parser(launch_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``pretrain launch local`` under the ``launch`` subcommand group."""
     p = launch_subparsers.add_parser("local", help="train in N processes on this machine (one per GPU, or gloo on CPU)")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config of the run (as for `pretrain train`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     p.add_argument("--nproc", type=int, required=True, help="number of ranks (processes) to start")
     p.add_argument("--master-port", type=int, help="rendezvous port on 127.0.0.1 (default: a free one)")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pretrain.storage.cache import extension_cache_dir
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,7 +42,10 @@ def setup_distributed() -> DistInfo:
     """Initialise torch.distributed (through DeepSpeed) from the environment; idempotent."""
     import deepspeed
 
-    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                # DeepSpeed builds a C++ op at start-up: in a build folder of this environment's own, so that
+                # another environment's build never evicts it (a set TORCH_EXTENSIONS_DIR is respected)
+                "TORCH_EXTENSIONS_DIR": str(extension_cache_dir())}
     if "MASTER_PORT" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: start ranks with `pretrain launch`")

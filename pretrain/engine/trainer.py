@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain import kernels
-from pretrain.config import RunConfig, dump_config
+from pretrain.config import ConfigError, RunConfig, dump_config
+from pretrain.data.manifest import read_manifest
 from pretrain.data.stream import ShardStream, StreamSource, expand_shards, make_loader
 from pretrain.data.transforms import eval_view
 from pretrain.engine import checkpoint as ckpt
@@ -31,6 +32,7 @@ from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_di
 from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
 from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
 from pretrain.engine.preemption import StopRequest
+from pretrain.engine.threads import plan_threads
 from pretrain.eval.collapse import embedding_scalars
 from pretrain.eval.frozen import FrozenEvalData, evaluate_baselines, evaluate_encoder, gains
 from pretrain.objectives import build_objective
@@ -61,13 +63,56 @@ def _eval_view(sample: dict, *, size, channels: int, intensity: str) -> torch.Te
     return eval_view(sample["image"], size, channels, intensity, key=sample["__key__"])
 
 
+def check_shard_sets(cfg: RunConfig) -> None:
+    """Every shard set the config names resolves to shards: checked before a run writes anything, so a wrong
+    path is one message naming its key, not a half-made run directory and a traceback."""
+    if not cfg.data.train:
+        raise ConfigError("config key 'data.train' is empty: give at least one shard set")
+    named = [(f"data.train.{i}.shards" if len(cfg.data.train) > 1 else "data.train", s.shards)
+             for i, s in enumerate(cfg.data.train)]
+    ev = cfg.eval
+    if bool(ev.knn_train) != bool(ev.knn_val):
+        given, missing = ("knn_train", "knn_val") if ev.knn_train else ("knn_val", "knn_train")
+        raise ConfigError(f"config key 'eval.{missing}' is empty while 'eval.{given}' is set: evaluation needs both "
+                          "labelled shard sets (or neither, to train without evaluation)")
+    named += [(f"eval.{k}", getattr(ev, k)) for k in ("knn_train", "knn_val") if getattr(ev, k)]
+    for key, spec in named:
+        try:
+            expand_shards(spec)
+        except ValueError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+
+
+def upsampling_warnings(cfg: RunConfig, view_size: tuple[int, ...] | None) -> list[str]:
+    """A warning for each training shard set whose largest image (from its manifest) is smaller than the view
+    the objective makes from a whole image: every image would be upsampled, adding compute and no detail."""
+    if view_size is None:
+        return []
+    out = []
+    for source in cfg.data.train:
+        spec = source.shards
+        if not (isinstance(spec, str) and Path(spec, "manifest.json").is_file()):
+            continue  # shard lists, patterns and URLs carry no manifest to ask
+        try:
+            largest = read_manifest(spec)["shape_max"].get(str(len(view_size)))
+        except (ValueError, OSError):
+            continue  # a damaged manifest is the stream's to report
+        if largest and all(s < v for s, v in zip(largest, view_size)):
+            factor = min(v / s for s, v in zip(largest, view_size))
+            out.append(f"data.train {spec}: its images are at most {'x'.join(map(str, largest))}, smaller than the "
+                       f"{'x'.join(map(str, view_size))} views this objective makes from a whole image, so every "
+                       f"image is upsampled ({factor:.1f}x or more): lower model.img_size (DINO / LVM-Med: the "
+                       "global and local crop sizes) to the data's size")
+    return out
+
+
 def build_train_stream(cfg: RunConfig, recipe, rank: int, world_size: int, start_batch: int) -> ShardStream:
     """The training stream of one rank, positioned ``start_batch`` micro-batches in.
 
     ``recipe`` is the objective's ``data_recipe()``: what the DataLoader workers receive.
     """
     if not cfg.data.train:
-        raise ValueError("config key 'data.train' is empty: give at least one shard set")
+        raise ConfigError("config key 'data.train' is empty: give at least one shard set")
     sources = [StreamSource(expand_shards(s.shards), s.weight, s.name or f"source{i}") for i, s in enumerate(cfg.data.train)]
     return ShardStream(
         sources, batch_size=cfg.data.batch_size, transform=recipe.transform, collate=recipe.collate,
@@ -86,11 +131,9 @@ class Trainer:
         self.dist = dist_info
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if dist_info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        check_shard_sets(cfg)
+        self.thread_plan = plan_threads(cfg.train.threads, cfg.data.num_workers)
+        torch.set_num_threads(self.thread_plan.threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             # Deterministic mode NaN-fills every torch.empty; ZeRO-1/2 allocate their gradient buckets
@@ -103,7 +146,10 @@ class Trainer:
         if getattr(cfg.objective, "init_from", "") and ckpt.latest_tag(self.ckpt_dir) is not None:
             # Resuming: the checkpoint holds every weight, the starting weights need not exist any more.
             cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, init_from=""))
-        objective = build_objective(cfg, BuildContext.from_dist(dist_info))
+        objective = build_objective(cfg, BuildContext.from_dist(dist_info))  # checks init_from, text_model, ...
+        if dist_info.is_main:  # only once the config's paths and the objective checked out
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         optimizer = build_optimizer(objective.param_groups(), cfg.optim)
         self.schedules = {**optimizer_schedules(cfg.optim), **objective.schedules()}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -243,6 +289,9 @@ class Trainer:
             f" | world {self.dist.world_size} ({self.dist.backend}) | ZeRO-{t.zero_stage} {t.precision}"
             f" | kernels {_kernel_choice()} | {'resuming at step ' + str(self.step) if self.resumed else 'from scratch'}"
         )
+        monitor.message(self.thread_plan.describe())
+        for warning in self.thread_plan.warnings + upsampling_warnings(cfg, self.objective.data_recipe().whole_view_size()):
+            monitor.message(f"[medpretrain] warning: {warning}")
         if not self.resumed and cfg.eval.at_start:
             self.evaluate_baselines(monitor)
 

@@ -68,6 +68,11 @@ class DataRecipe:
         """A list of transformed samples -> one batch."""
         raise NotImplementedError(f"{type(self).__name__} must define collate()")
 
+    def whole_view_size(self) -> tuple[int, ...] | None:
+        """The size of the largest view made from (up to) a whole image, e.g. MAE's input or DINO's global crops;
+        the trainer warns when the data's images are smaller (every one would be upsampled)."""
+        return None
+
 
 @dataclass
 class EvalBundle:

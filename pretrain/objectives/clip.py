@@ -142,6 +142,9 @@ class CLIPRecipe(DataRecipe):
         template = self.cfg.prompt_templates[int(rng.integers(len(self.cfg.prompt_templates)))]
         return template.format(name), pair_id(f"class:{name}")
 
+    def whole_view_size(self) -> tuple[int, ...]:
+        return tuple(self.img_size)
+
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         rng = sample_rng(sample)
         x = augmented_view(sample, rng, self.img_size, self.in_chans, self.intensity, self.cfg.crop_scale,

@@ -135,6 +135,9 @@ class DINORecipe(DataRecipe):
     def __init__(self, cfg: Config, in_chans: int, intensity: str, global_grid: tuple[int, ...] | None) -> None:
         self.cfg, self.in_chans, self.intensity, self.global_grid = cfg, in_chans, intensity, global_grid
 
+    def whole_view_size(self) -> tuple[int, ...]:
+        return tuple(self.cfg.crops.global_size)
+
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         rng = sample_rng(sample)
         views = multi_crop(sample["image"], self.cfg.crops, rng, self.in_chans, self.intensity, key=sample["__key__"])

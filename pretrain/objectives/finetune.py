@@ -83,6 +83,9 @@ class FinetuneRecipe(DataRecipe):
     def __init__(self, cfg: Config, img_size: tuple[int, ...], in_chans: int, intensity: str) -> None:
         self.cfg, self.img_size, self.in_chans, self.intensity = cfg, img_size, in_chans, intensity
 
+    def whole_view_size(self) -> tuple[int, ...]:
+        return tuple(self.img_size)
+
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         x = augmented_view(sample, sample_rng(sample), self.img_size, self.in_chans, self.intensity,
                            self.cfg.crop_scale, self.cfg.flip_axes)

@@ -121,6 +121,9 @@ class LVMMedRecipe(DataRecipe):
     def __init__(self, cfg: Config, in_chans: int, intensity: str) -> None:
         self.cfg, self.in_chans, self.intensity = cfg, in_chans, intensity
 
+    def whole_view_size(self) -> tuple[int, ...]:
+        return tuple(self.cfg.views.global_size)
+
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         rng = sample_rng(sample)
         out = multi_crop(sample["image"], self.cfg.views, rng, self.in_chans, self.intensity, key=sample["__key__"],

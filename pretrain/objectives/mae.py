@@ -78,6 +78,9 @@ class MAERecipe(DataRecipe):
         self.cfg, self.img_size, self.in_chans = cfg, img_size, in_chans
         self.intensity, self.num_patches = intensity, num_patches
 
+    def whole_view_size(self) -> tuple[int, ...]:
+        return tuple(self.img_size)
+
     def transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         rng = sample_rng(sample)
         x = augmented_view(sample, rng, self.img_size, self.in_chans, self.intensity, self.cfg.crop_scale,

@@ -30,8 +30,10 @@ import webdataset as wds
 from torch import nn
 
 from pretrain.data.codec import decode_sample
+from pretrain.data.errors import DataError
 from pretrain.data.stream import expand_shards
 from pretrain.models.encoder import eval_mode
+from pretrain.storage.cache import cache_root
 
 CACHE_VERSION = 1
 LAST_BLOCKS = 4  # DINOv2's linear probe: the class tokens of the last 4 blocks
@@ -138,7 +140,7 @@ def _label(sample: dict) -> torch.Tensor:
     if meta.get("labels") is not None:  # multi-label: a multi-hot vector of findings
         return torch.tensor([float(v) for v in meta["labels"]], dtype=torch.float32)
     if sample["label"] is None:
-        raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r} has no label "
+        raise DataError(f"{sample['__url__']}: sample {sample['__key__']!r} has no label "
                          "(evaluation needs labelled shards: a .cls member or meta 'labels')")
     return torch.tensor(int(sample["label"]))
 
@@ -265,8 +267,7 @@ def data_digest(spec: str | list[str]) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("MEDPRETRAIN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "medpretrain")
-    return Path(root).expanduser() / "features"
+    return cache_root() / "features"
 
 
 def cached_features(encoder_key: str, spec: str | list[str], view_key: dict, extract: Callable[[], FeatureSet],

@@ -1,4 +1,4 @@
-"""Stop at a step boundary when the scheduler says time is up.
+"""Stop at a step boundary when the scheduler says time is up, or the user presses Ctrl-C.
 
 SLURM warns a job before its time limit with the signal given to
 ``sbatch --signal`` (USR2 here) and asks it to end with SIGTERM when it is
@@ -7,7 +7,8 @@ preempted, requeued or cancelled. Either way the signal lands on every rank
 slightly different moments, possibly in different steps. The handler only
 records the signal; after each optimizer step the ranks agree by an
 all-reduce, so they all stop after the same step and write one consistent
-checkpoint.
+checkpoint. ``pretrain train`` does the same on Ctrl-C (SIGINT) and SIGTERM, so
+the steps since the last checkpoint are kept; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import signal
 import torch
 import torch.distributed as dist
 
-# Higher wins when ranks saw different signals: a time limit asks for a requeue, SIGTERM does not.
-_PRIORITY = {signal.SIGTERM: 1, signal.SIGUSR2: 2}
+# Higher wins when ranks saw different signals: a time limit asks for a requeue, SIGINT and SIGTERM do not.
+_PRIORITY = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR2: 3}
+SCHEDULER_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+USER_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
@@ -26,14 +29,17 @@ class StopRequest:
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
 
-    def install(self) -> "StopRequest":
-        """Replace the USR2 and TERM handlers of this process (call before DataLoader workers start)."""
-        for sig in _PRIORITY:
+    def install(self, signals: tuple[signal.Signals, ...] = SCHEDULER_SIGNALS) -> "StopRequest":
+        """Replace the handlers of ``signals`` in this process (call before DataLoader workers start)."""
+        for sig in signals:
             signal.signal(sig, self._record)
         return self
 
     def _record(self, signum: int, _frame) -> None:
         sig = signal.Signals(signum)
+        if sig == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C twice: the user will not wait
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if self.received is None or _PRIORITY[sig] > _PRIORITY[self.received]:
             self.received = sig
 

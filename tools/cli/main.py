@@ -16,14 +16,24 @@ EXIT_DATA = 3  # shards or samples that cannot serve the command
 
 
 def _train(args: argparse.Namespace) -> int:
+    import signal
+
     from pretrain.config import load_config
+    from pretrain.engine.preemption import USER_SIGNALS, StopRequest
     from pretrain.tools.run import train_and_export
 
     cfg = load_config(args.config, args.overrides)
-    summary = train_and_export(cfg, export=not args.no_export)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    _print_summary(summary)
+    stop = StopRequest().install(USER_SIGNALS)  # Ctrl-C / SIGTERM: checkpoint at the next step boundary
+    summary = train_and_export(cfg, stop, export=not args.no_export)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if summary.get("interrupted"):
+        sig = signal.Signals[summary["interrupted"]]
+        if main_rank:
+            print(f"pretrain train: stopped by {sig.name} after step {summary['steps']}, checkpointed in "
+                  f"{cfg.train.run_dir}; run the same command to resume", file=sys.stderr)
+        return 128 + sig  # as a shell reports a death by that signal: not a finished run
+    if main_rank:
+        _print_summary(summary)
     return 0
 
 

@@ -65,11 +65,18 @@ def load_nifti(path: str | Path, time_point: int | None = None) -> tuple[np.ndar
 
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
+    pick = time_point  # which volume of the 4th axis is kept below (0 once only that one was read)
     try:
         img = nibabel.load(str(path))
         proxy = img.dataobj
         # Reorient the stored values ourselves: as_closest_canonical would hand back scaled float64 data.
-        unscaled = np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+        if time_point is not None and len(img.shape) == 4 and 0 <= time_point < img.shape[3] \
+                and hasattr(proxy, "_get_unscaled"):
+            # one volume of a long series: read only its bytes, not the whole file once per volume
+            unscaled = np.asarray(proxy._get_unscaled((slice(None),) * 3 + (slice(time_point, time_point + 1),)))
+            pick = 0
+        else:
+            unscaled = np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
         slope = float(getattr(proxy, "slope", 1.0))
         inter = float(getattr(proxy, "inter", 0.0))
         ornt = io_orientation(img.affine)
@@ -94,10 +101,10 @@ def load_nifti(path: str | Path, time_point: int | None = None) -> tuple[np.ndar
         raise NiftiError(f"{path}: data type {raw.dtype} is not a real number type (RGB NIfTI is not supported)")
     if raw.ndim == 3:
         raw = raw[..., None]
-    if time_point is not None:
-        if not 0 <= time_point < raw.shape[3]:
+    if pick is not None:
+        if not 0 <= pick < raw.shape[3]:
             raise NiftiError(f"{path}: no time point {time_point} (the image has {raw.shape[3]})")
-        raw = raw[..., time_point:time_point + 1]
+        raw = raw[..., pick:pick + 1]
     image = np.transpose(raw, (3, 2, 1, 0))  # (X, Y, Z, C) -> (C, Z, Y, X)
     rescaled = not (math.isclose(slope, 1.0) and inter == 0.0) and math.isfinite(slope) and math.isfinite(inter)
     if rescaled:

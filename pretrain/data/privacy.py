@@ -93,6 +93,11 @@ class SaltError(ValueError):
     """No usable salt was given; the message says where one is looked for."""
 
 
+def salt_from_environment() -> bool:
+    """Whether ``$MEDPRETRAIN_SALT`` or ``$MEDPRETRAIN_SALT_FILE`` names a salt."""
+    return bool(os.environ.get(SALT_ENV) or os.environ.get(SALT_FILE_ENV))
+
+
 def load_salt(salt: str | bytes | Path | None = None) -> bytes:
     """The secret salt as bytes.
 

@@ -27,6 +27,7 @@ from pretrain.data.manifest import read_manifest
 from pretrain.data.stream import ShardStream, StreamSource, expand_shards, make_loader
 from pretrain.data.transforms import eval_view
 from pretrain.engine import checkpoint as ckpt
+from pretrain.engine import run_lock
 from pretrain.engine.compute import compute_record
 from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_distributed
 from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
@@ -149,6 +150,7 @@ class Trainer:
         objective = build_objective(cfg, BuildContext.from_dist(dist_info))  # checks init_from, text_model, ...
         if dist_info.is_main:  # only once the config's paths and the objective checked out
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_lock.acquire(self.run_dir)  # before anything of this run is written: one trainer per directory
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         optimizer = build_optimizer(objective.param_groups(), cfg.optim)
         self.schedules = {**optimizer_schedules(cfg.optim), **objective.schedules()}
@@ -539,6 +541,8 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any]:
         # that hangs the whole job and hides the error. Leave without one.
         teardown_distributed(barrier=False)
         raise
+    finally:
+        run_lock.release_all()
     teardown_distributed()
     return summary
 

@@ -349,6 +349,8 @@ def test_4d_nifti_is_split_into_volumes_or_kept_as_channels_by_choice(tmp_path: 
     assert manifest["conversion"] == {"orientation": "SAR", "nifti_4d": choice}
     samples = _read_split(tmp_path / "out" / "train")
     whole, _ = load_nifti(src / "bold.nii.gz")  # (3, D, H, W): the volumes as channels, canonical
+    with pytest.raises(ValueError, match="no time point 3 "):
+        load_nifti(src / "bold.nii.gz", time_point=3)
     if choice == "samples":
         assert manifest["num_samples"] == 4 and manifest["channels"] == [1]
         frames = {s["meta"]["time_point"]: s["image"] for s in samples if "time_point" in s["meta"]}

@@ -25,6 +25,7 @@ from pretrain.data.manifest import (
     verify_shards,
     write_manifest,
 )
+from pretrain.data.privacy import hashed_key
 from pretrain.tools.ingest.cli import add_shards_parser
 from pretrain.tools.ingest.images import sample_key, write_shards, write_split_shards
 
@@ -307,10 +308,18 @@ def _split_of(out: Path) -> dict[str, list[dict]]:
     return {split: _read_back(out / split) for split in ("train", "val", "test") if (out / split).is_dir()}
 
 
+SALT = "test-salt-0123456789abcdef"
+
+
+def _split_of_keys(out: Path) -> dict[str, str]:
+    return {s["__key__"]: split for split, samples in _split_of(out).items() for s in samples}
+
+
 def test_image_splits_keep_a_patient_together_and_are_seeded(tmp_path: Path) -> None:
     src, csv_path = _patients_folder(tmp_path)
     out = tmp_path / "out"
-    manifests = write_split_shards(src, out, "0.6,0.2,0.2", labels_csv=csv_path, group_by="patient", progress=False)
+    manifests = write_split_shards(src, out, "0.6,0.2,0.2", labels_csv=csv_path, group_by="patient", salt=SALT,
+                                   progress=False)
     assert sum(m["num_samples"] for m in manifests.values()) == 90 and set(manifests) == {"train", "val", "test"}
     by_split = _split_of(out)
     split_of_patient: dict[str, set[str]] = {}
@@ -322,17 +331,31 @@ def test_image_splits_keep_a_patient_together_and_are_seeded(tmp_path: Path) -> 
             split_of_patient.setdefault(s["meta"]["patient"], set()).add(split)
             assert s["text"].startswith("finding ")  # the report column became the sample's text
     assert len(split_of_patient) == 30 and all(len(v) == 1 for v in split_of_patient.values())
-    # the patient is recorded as a tag, never as the CSV's identifier
+    # the patient is recorded as its salted HMAC (the medical path's pseudonym), never as the CSV's identifier
+    assert hashed_key(SALT.encode(), "patient:MRN-0003") in split_of_patient
     raw = b"".join(p.read_bytes() for p in out.rglob("*.tar"))
     assert b"MRN-" not in raw
 
     again = write_split_shards(src, tmp_path / "again", "0.6,0.2,0.2", labels_csv=csv_path, group_by="patient",
-                               progress=False)
+                               salt=SALT, progress=False)
     assert {k: m["shards"] for k, m in again.items()} == {k: m["shards"] for k, m in manifests.items()}
     other = write_split_shards(src, tmp_path / "other", "0.6,0.2,0.2", labels_csv=csv_path, group_by="patient",
-                               split_seed=1, progress=False)
-    assert {k: m["num_samples"] for k, m in other.items()} != {k: m["num_samples"] for k, m in manifests.items()} \
-        or {k: m["shards"] for k, m in other.items()} != {k: m["shards"] for k, m in manifests.items()}
+                               salt=SALT, split_seed=1, progress=False)
+    first, second = _split_of_keys(out), _split_of_keys(tmp_path / "other")
+    assert first.keys() == second.keys() and sum(first[k] != second[k] for k in first) >= 10  # another seed, other splits
+
+
+def test_without_a_salt_groups_split_together_and_no_patient_is_recorded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MEDPRETRAIN_SALT", raising=False)
+    monkeypatch.delenv("MEDPRETRAIN_SALT_FILE", raising=False)
+    src, csv_path = _patients_folder(tmp_path, patients=10)
+    write_split_shards(src, tmp_path / "out", "0.5,0.5,0", labels_csv=csv_path, group_by="patient", progress=False)
+    by_patient: dict[str, set[str]] = {}
+    for split, samples in _split_of(tmp_path / "out").items():
+        for s in samples:
+            assert "patient" not in s["meta"]
+            by_patient.setdefault(s["meta"]["source"].split("_")[0], set()).add(split)
+    assert len(by_patient) == 10 and all(len(v) == 1 for v in by_patient.values())
 
 
 def test_image_splits_without_groups_split_files(tmp_path: Path) -> None:

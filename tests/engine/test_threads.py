@@ -13,7 +13,7 @@ from pretrain.engine.threads import busy_cores, plan_threads
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for key in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+    for key in ("SLURM_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(key, raising=False)
 
 
@@ -63,7 +63,7 @@ def test_cores_other_processes_keep_busy_are_measured_and_named():
         for p in spinners:
             p.kill()
             p.wait()
-    assert busy is not None and busy >= 0.8 * len(cores), busy
+    assert busy is not None and busy[1] == len(cores) and busy[0] >= 0.8 * len(cores), busy
     if len(cores) > 1:
         plan = plan_threads(0, 0, busy=busy)
         assert any("other processes keep" in w and "train.threads=1" in w for w in plan.warnings), plan.warnings
@@ -71,7 +71,17 @@ def test_cores_other_processes_keep_busy_are_measured_and_named():
 
 def test_the_busy_warning_follows_the_free_cores():
     cores = len(os.sched_getaffinity(0))
-    assert plan_threads(0, 0, busy=0.0).warnings == []
+    assert plan_threads(0, 0, busy=(0.0, cores)).warnings == []
     if cores > 1:
-        assert any("other processes keep" in w for w in plan_threads(0, 0, busy=float(cores)).warnings)
-    assert not any("other processes" in w for w in plan_threads(1, 0, busy=float(cores)).warnings)  # 1 thread: fine
+        assert any("other processes keep" in w for w in plan_threads(0, 0, busy=(float(cores), cores)).warnings)
+    assert not any("other processes" in w for w in plan_threads(1, 0, busy=(float(cores), cores)).warnings)  # 1 thread
+
+
+def test_several_tasks_on_a_slurm_node_are_not_measured_against_each_other(monkeypatch):
+    """Tasks of one job start together: their imports would read as other processes' load."""
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    plan = plan_threads(0, 0)
+    assert plan.busy is None and plan.threads == 2 and plan.ranks_here == 1
+    # a task whose mask is the whole node's allocation still plans from its own cpus-per-task
+    assert plan_threads(0, 0, busy=(2.0, 8)).warnings == []  # 6 of its 8 visible cores are free

@@ -34,13 +34,14 @@ def add_shards_parser(subparsers: Any) -> Any:
     write.add_argument("src", metavar="SRC", help="folder searched recursively: images (.png .jpg .tif .npy) or DICOM / "
                        "NIfTI (.nii .nii.gz) files, recognised by content")
     write.add_argument("out", metavar="OUT", help="folder to write the shards and manifest.json into")
-    write.add_argument("--labels", metavar="CSV", help="CSV with a path column and any of label, report, spacing "
-                       "and a grouping column (--group-by)")
+    write.add_argument("--labels", metavar="CSV", help="CSV with a path column and at least one of label, report "
+                       "and the --group-by column; optional spacing")
     write.add_argument("--splits", default=None, metavar="TR,VA,TE",
                        help="split ratios into OUT/train, OUT/val, OUT/test, by patient for DICOM / NIfTI and by "
                        "--group-by (else per file) for images (default: no split, all in OUT)")
     write.add_argument("--group-by", metavar="COLUMN", help="images: labels-CSV column (e.g. patient) whose files "
-                       "share a split; samples record a hash of it as 'patient'")
+                       "share a split; with a salt (--salt-file or $MEDPRETRAIN_SALT[_FILE]) samples record its "
+                       "salted HMAC as 'patient'")
     write.add_argument("--split-seed", type=int, default=0, help="images: seed of the split assignment")
     write.add_argument("--samples-per-shard", type=positive_number(int), default=1000, metavar="N", help="default: 1000")
     write.add_argument(
@@ -75,9 +76,10 @@ def shards_main(args: argparse.Namespace) -> int:
             return medical_main(args)  # DICOM series / NIfTI volumes: the medical converter, no flag needed
         if args.reports:
             raise ValueError("--reports is for DICOM / NIfTI folders; for images give a report column in --labels")
-        common = dict(labels_csv=args.labels, group_by=args.group_by, max_samples_per_shard=args.samples_per_shard,
-                      max_shard_bytes=max(1, int(args.shard_mb * 2**20)), prefix=args.prefix,
-                      progress=not args.no_progress, overwrite=args.overwrite)
+        salt = Path(args.salt_file) if args.salt_file else None
+        common = dict(labels_csv=args.labels, group_by=args.group_by, salt=salt,
+                      max_samples_per_shard=args.samples_per_shard, max_shard_bytes=max(1, int(args.shard_mb * 2**20)),
+                      prefix=args.prefix, progress=not args.no_progress, overwrite=args.overwrite)
         if args.splits:
             manifests = write_split_shards(args.src, args.out, args.splits, split_seed=args.split_seed, **common)
         else:

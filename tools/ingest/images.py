@@ -38,6 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pretrain.data.codec import encode_sample
 from pretrain.data.manifest import MANIFEST_NAME, ManifestBuilder, write_manifest
+from pretrain.data.privacy import hashed_key, load_salt, salt_from_environment
 from pretrain.data.readers import ReadError, parse_spacing, read_image_file
 from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
 
@@ -288,6 +289,7 @@ def write_shards(
     *,
     labels_csv: str | Path | None = None,
     group_by: str | None = None,
+    salt: str | bytes | Path | None = None,
     max_samples_per_shard: int = 1000,
     max_shard_bytes: int = 256 * 2**20,
     prefix: str = "shard",
@@ -301,9 +303,10 @@ def write_shards(
     shard of its own). Unreadable files are logged, recorded under
     ``failed`` in the manifest, and skipped. Refuses an ``out`` that already
     holds shards unless ``overwrite`` (which deletes its ``*.tar`` and manifest).
-    ``group_by`` names a labels-CSV column (e.g. patient) recorded, hashed, as each sample's ``patient``.
+    ``group_by`` names a labels-CSV column (e.g. patient); with a ``salt`` (see ``load_salt``) each sample
+    records the group's salted HMAC as its ``patient``.
     """
-    return _write(src, out, None, labels_csv=labels_csv, group_by=group_by, split_seed=0,
+    return _write(src, out, None, labels_csv=labels_csv, group_by=group_by, salt=salt, split_seed=0,
                   max_samples_per_shard=max_samples_per_shard, max_shard_bytes=max_shard_bytes, prefix=prefix,
                   progress=progress, overwrite=overwrite)[None]
 
@@ -315,6 +318,7 @@ def write_split_shards(
     *,
     labels_csv: str | Path | None = None,
     group_by: str | None = None,
+    salt: str | bytes | Path | None = None,
     split_seed: int = 0,
     max_samples_per_shard: int = 1000,
     max_shard_bytes: int = 256 * 2**20,
@@ -326,23 +330,21 @@ def write_split_shards(
 
     A file's split is a hash of ``split_seed`` and its group: the ``group_by``
     column of the labels CSV (all images of one patient share a split), else
-    its own path. The same files, ratios and seed always give the same splits.
+    its own path. The same files, ratios and seed always give the same splits. With a ``salt`` and
+    ``group_by``, samples record the group's salted HMAC as ``patient`` (evaluation resamples patients by it).
     """
     ratios = parse_split_ratios(split_ratios)
-    return _write(src, out, ratios, labels_csv=labels_csv, group_by=group_by, split_seed=split_seed,
+    return _write(src, out, ratios, labels_csv=labels_csv, group_by=group_by, salt=salt, split_seed=split_seed,
                   max_samples_per_shard=max_samples_per_shard, max_shard_bytes=max_shard_bytes, prefix=prefix,
                   progress=progress, overwrite=overwrite)
 
 
-def _group_tag(split_seed: int, group: str) -> str:
-    """What a sample records as its ``patient``: a tag of its group, not the group's text."""
-    return hashlib.sha256(f"medpretrain-group\0{split_seed}\0{group}".encode()).hexdigest()[:16]
 
 
 def _write(
     src: str | Path, out: str | Path, ratios: dict[str, float] | None, *, labels_csv: str | Path | None,
-    group_by: str | None, split_seed: int, max_samples_per_shard: int, max_shard_bytes: int, prefix: str,
-    progress: bool, overwrite: bool,
+    group_by: str | None, salt: str | bytes | Path | None, split_seed: int, max_samples_per_shard: int,
+    max_shard_bytes: int, prefix: str, progress: bool, overwrite: bool,
 ) -> dict[str | None, dict[str, Any]]:
     src_path, out_path = check_conversion_args(src, out, max_samples_per_shard, max_shard_bytes)
     if not _SHARD_PREFIX.fullmatch(prefix):
@@ -350,12 +352,18 @@ def _write(
         raise ValueError(f"shard prefix {prefix!r} may hold only letters, digits, '_' and '-'")
     if group_by and labels_csv is None:
         raise ValueError(f"grouping by {group_by!r} needs a labels CSV (--labels) with that column")
+    # A patient column holds identifiers (MRNs are few enough to try them all): samples record one only as
+    # an HMAC under a secret salt, the pseudonym the medical path writes; without a salt, none is recorded.
+    salt_bytes = load_salt(salt) if group_by and (salt is not None or salt_from_environment()) else None
 
     csv_path = Path(labels_csv) if labels_csv is not None else None
     files = list_source_files(src_path, exclude=(out_path,) + ((csv_path,) if csv_path else ()))
     if not files:
         raise ValueError(f"{src}: no candidate image files found")
     classes, rows = read_labels_csv(csv_path, src_path, set(files), group_by) if csv_path else (None, {})
+    if group_by and len(rows) < len(files):
+        logger.warning("%d of %d files are not in %s and have no %r: each is a group of its own",
+                       len(files) - len(rows), len(files), csv_path, group_by)
     splits = [name for name in SPLIT_NAMES if ratios[name] > 0] if ratios else [None]
     folders = {name: out_path / name if name else out_path for name in splits}
     for folder in folders.values():  # only after the input checked out: nothing is lost on bad input
@@ -373,8 +381,8 @@ def _write(
                 group = row.group if row is not None and row.group else rel
                 split = assign_split(f"{split_seed}\0{group}", ratios) if ratios else None
                 extra = {"split": split} if split else {}
-                if group_by:
-                    extra["patient"] = _group_tag(split_seed, group)
+                if salt_bytes is not None:
+                    extra["patient"] = hashed_key(salt_bytes, "patient:" + group)
                 members = _convert(src_path, rel, row, csv_path, builders[split], extra)
                 if members is None:
                     failed += 1

@@ -10,14 +10,14 @@ output). Each shard is written under ``<name>.tmp`` and renamed when
 complete; the manifest is written last, so a folder with a manifest is whole.
 A file that cannot be read is logged, listed in the manifest and skipped.
 
-The labels CSV has a ``path`` column (relative to SRC) and any of ``label``
-(class name or index), ``report`` (free text, stored as the sample's ``.txt``
-for image-text training) and a grouping column such as ``patient``. With
-``--splits`` the files go to ``OUT/train``, ``OUT/val`` and ``OUT/test``, each
-with its manifest; a file's split is a seeded hash of its group (the
+The labels CSV has a ``path`` column (relative to SRC) and at least one of
+``label`` (class name or index), ``report`` (free text, stored as the sample's
+``.txt`` for image-text training) and a grouping column such as ``patient``.
+With ``--splits`` the files go to ``OUT/train``, ``OUT/val`` and ``OUT/test``,
+each with its manifest; a file's split is a seeded hash of its group (the
 ``--group-by`` column, else its own path), so all images of one patient land
-in one split, and samples record ``split`` and, with ``--group-by``, a hash of
-the group as ``patient`` (evaluation resamples patients by it).
+in one split, and samples record ``split``. With a salt, they also record the
+group's salted HMAC as ``patient`` (evaluation resamples patients by it).
 """
 from __future__ import annotations
 
@@ -337,8 +337,6 @@ def write_split_shards(
     return _write(src, out, ratios, labels_csv=labels_csv, group_by=group_by, salt=salt, split_seed=split_seed,
                   max_samples_per_shard=max_samples_per_shard, max_shard_bytes=max_shard_bytes, prefix=prefix,
                   progress=progress, overwrite=overwrite)
-
-
 
 
 def _write(

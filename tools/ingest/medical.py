@@ -13,9 +13,9 @@ file is one sample keyed by ``hmac-sha256(salt, uid or path)``. Patients
 go whole into ``OUT/train``, ``OUT/val`` or ``OUT/test``, each with its own
 manifest.json. No UID, name or path of a sample reaches the shards.
 
-Every volume is stored in one orientation, RAS canonical (``"SAR"`` in our
-``(C, D, H, W)`` order, ``pretrain.data.orientation``), whether it came from
-DICOM or NIfTI. A 4-D NIfTI file (fMRI, DWI, several echoes) is, by the
+Every volume whose geometry is known is stored in one orientation, RAS
+canonical (``"SAR"`` in our ``(C, D, H, W)`` order, ``pretrain.data.orientation``),
+whether it came from DICOM or NIfTI. A 4-D NIfTI file (fMRI, DWI, several echoes) is, by the
 explicit ``nifti_4d`` choice recorded in each manifest's ``conversion``,
 either one sample per volume (``samples``, the default: each records its
 ``time_point``) or one sample with the volumes as channels (``channels``).

@@ -10,13 +10,21 @@ and evaluation only read it, through this module.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+_STEP_FOLDER = re.compile(r"step_(\d{8})")
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A run's checkpoints cannot be read as asked; the message names the folder or file."""
 
 
 def tag_for(step: int) -> str:
@@ -34,15 +42,31 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """The newest complete checkpoint's tag, or None when there is none."""
+    """The newest complete checkpoint's tag, or None when there is none.
+
+    ``latest`` names it. A pointer that cannot be read or names no complete checkpoint (a damaged disk,
+    a hand edit) falls back, with a warning, to the newest ``step_*`` folder holding ``COMPLETE``; with
+    none, ``CheckpointError`` says so rather than starting the run over.
+    """
     ckpt_dir = Path(ckpt_dir)
     pointer = ckpt_dir / LATEST
     if not pointer.is_file():
         return None
-    tag = pointer.read_text().strip()
-    if not (ckpt_dir / tag / COMPLETE).is_file():
-        raise RuntimeError(f"{pointer} names {tag!r}, which is not a complete checkpoint in {ckpt_dir}")
-    return tag
+    try:
+        tag = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        tag, problem = None, f"is not readable ({e})"
+    else:
+        problem = f"names {tag!r}, which is not a complete checkpoint"
+    if tag and _STEP_FOLDER.fullmatch(tag) and (ckpt_dir / tag / COMPLETE).is_file():
+        return tag
+    complete = sorted((p.name for p in ckpt_dir.iterdir() if _STEP_FOLDER.fullmatch(p.name) and (p / COMPLETE).is_file()),
+                      key=lambda name: int(name[5:]))
+    if not complete:
+        raise CheckpointError(f"{pointer} {problem} in {ckpt_dir}, and no other checkpoint there is complete: "
+                              f"remove {ckpt_dir} to start the run over")
+    logger.warning("%s %s: using %s, the newest complete checkpoint in %s", pointer, problem, complete[-1], ckpt_dir)
+    return complete[-1]
 
 
 def resolve_checkpoint(source: str | Path) -> Path:

@@ -13,6 +13,7 @@ import pytest
 
 from pretrain.config import RunConfig, load_config
 from pretrain.engine import checkpoint as ckpt
+from pretrain.storage.checkpoints import CheckpointError
 from tests.engine.conftest import RankGroup, read_losses, run_ranks, train_args
 
 
@@ -87,8 +88,20 @@ def test_latest_naming_an_incomplete_folder_is_a_clear_error(tmp_path: Path):
     ckpt_dir = tmp_path / "checkpoints"
     (ckpt_dir / "step_00000008").mkdir(parents=True)
     (ckpt_dir / ckpt.LATEST).write_text("step_00000008\n")
-    with pytest.raises(RuntimeError, match=r"step_00000008.*not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match=r"step_00000008.*not a complete checkpoint.*no other checkpoint"):
         ckpt.latest_tag(ckpt_dir)
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00garbage", b"step_00000008\n", b"../../etc\n"])
+def test_a_damaged_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path, pointer: bytes, caplog):
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (2, 4):
+        _save(ckpt_dir, step, keep=3)
+    (ckpt_dir / "step_00000008").mkdir()  # begun, never completed
+    (ckpt_dir / ckpt.LATEST).write_bytes(pointer)
+    with caplog.at_level("WARNING"):
+        assert ckpt.latest_tag(ckpt_dir) == "step_00000004"
+    assert "using step_00000004, the newest complete checkpoint" in caplog.text
 
 
 # --- end to end -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pretrain.tools.cli.args import Parser, positive_number
 
 EXIT_USAGE = 2  # a config, option or path the user gave (argparse's own code for bad options)
 EXIT_DATA = 3  # shards or samples that cannot serve the command
+EXIT_CHECKPOINT = 4  # a run's checkpoints that cannot be read as asked
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.data.codec import SampleDecodeError
         from pretrain.data.errors import DataError
         from pretrain.data.manifest import ManifestError
+        from pretrain.storage.checkpoints import CheckpointError
         from pretrain.tools.export.encoder import ExportError
         from pretrain.tools.export.push import PushError
         from pretrain.tools.scaling.cli import ScalingError
@@ -304,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (DataError, ManifestError, SampleDecodeError)):
             print(f"pretrain: data error: {e}", file=sys.stderr)
             return EXIT_DATA
+        if isinstance(e, CheckpointError):
+            print(f"pretrain: checkpoint error: {e}", file=sys.stderr)
+            return EXIT_CHECKPOINT
         raise
 
 

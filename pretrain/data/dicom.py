@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pretrain.data.orientation import CANONICAL, lps_to_ras, to_canonical
+from pretrain.data.orientation import CANONICAL, lps_to_ras, ras_code, to_canonical
 
 _PREAMBLE = 128
 _ORIENTATION_TOLERANCE = 1e-3  # direction cosines written with few digits still match
@@ -103,12 +103,9 @@ def group_series(headers: Sequence[DicomHeader]) -> dict[str, list[DicomHeader]]
 
 
 def orientation_code(directions_3x3: np.ndarray) -> str:
-    """LPS letters each axis (row of ``directions_3x3``) points towards, e.g. ``"SPL"``."""
-    letters = []
-    for v in directions_3x3:
-        i = int(np.argmax(np.abs(v)))
-        letters.append("LPS"[i] if v[i] > 0 else "RAI"[i])
-    return "".join(letters)
+    """The letters each axis (a row of ``directions_3x3``, in DICOM's LPS coordinates) points towards, e.g.
+    ``"SPL"``: the same code the stored volumes' ``orientation`` uses."""
+    return ras_code(lps_to_ras(directions_3x3))
 
 
 def load_dicom_series(paths: Sequence[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pretrain import kernels
 from pretrain.config import ConfigError, RunConfig, dump_config
-from pretrain.data.manifest import read_manifest
+from pretrain.data.manifest import MANIFEST_NAME, read_manifest
 from pretrain.data.stream import ShardStream, StreamSource, expand_shards, make_loader
 from pretrain.data.transforms import eval_view
 from pretrain.engine import checkpoint as ckpt
@@ -92,7 +92,7 @@ def upsampling_warnings(cfg: RunConfig, view_size: tuple[int, ...] | None) -> li
     out = []
     for source in cfg.data.train:
         spec = source.shards
-        if not (isinstance(spec, str) and Path(spec, "manifest.json").is_file()):
+        if not (isinstance(spec, str) and Path(spec, MANIFEST_NAME).is_file()):
             continue  # shard lists, patterns and URLs carry no manifest to ask
         try:
             largest = read_manifest(spec)["shape_max"].get(str(len(view_size)))

@@ -144,6 +144,7 @@ def step_config(config: str | Path, overrides: Sequence[str], batch_size: int | 
     cfg = load_config(config, list(overrides))
     cfg.train.zero_stage, cfg.train.precision, cfg.train.grad_accum = 0, "fp32", 1
     cfg.train.run_dir = str(scratch / "run")
+    cfg.eval.knn_train = cfg.eval.knn_val = None  # only steps are timed: the config's eval sets need not exist
     cfg.train.threads = threads or cfg.train.threads or torch.get_num_threads()
     if batch_size:
         cfg.data.batch_size = batch_size

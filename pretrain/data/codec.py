@@ -19,9 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.data.sample_faults import DECODE, BadSample, check_decoded
 
-class SampleDecodeError(ValueError):
-    """A sample's bytes do not decode; the message names the shard and key."""
+
+class SampleDecodeError(BadSample):
+    """A sample's bytes do not decode, or decode to something no model can take; the message names the
+    shard and key, ``reason`` says which (see :mod:`pretrain.data.sample_faults`)."""
+
+    def __init__(self, message: str, reason: str = DECODE) -> None:
+        super().__init__(message, reason)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -51,16 +57,21 @@ def encode_sample(key: str, image: np.ndarray, meta: dict[str, Any], text: str |
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """``{"__key__", "__url__", "image", "meta", "label", "text", "mask"}`` from raw tar members
-    (``mask`` is None where the sample has none)."""
+    (``mask`` is None where the sample has none), checked by :func:`check_decoded`."""
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     try:
         image = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
         meta = json.loads(raw["json"]) if "json" in raw else {}
         mask = np.load(io.BytesIO(raw["seg.npy"]), allow_pickle=False) if "seg.npy" in raw else None
+        text = raw["txt"].decode("utf-8") if "txt" in raw else None
     except KeyError as e:
         raise SampleDecodeError(f"{url}: sample {key!r} has no {e.args[0]!r} member") from None
     except Exception as e:  # numpy/json raise many types on damaged bytes
         raise SampleDecodeError(f"{url}: sample {key!r} does not decode: {e}") from e
-    label = meta.get("label")
-    text = raw["txt"].decode("utf-8") if "txt" in raw else None
-    return {"__key__": key, "__url__": url, "image": image, "meta": meta, "label": label, "text": text, "mask": mask}
+    sample = {"__key__": key, "__url__": url, "image": image, "meta": meta, "label": None, "text": text, "mask": mask}
+    try:
+        check_decoded(sample)
+    except BadSample as e:
+        raise SampleDecodeError(str(e), e.reason) from None
+    sample["label"] = meta.get("label")
+    return sample

@@ -33,6 +33,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.codec import decode_sample
+from pretrain.data.errors import DataError
+from pretrain.data.sample_faults import BadSample, check_view, transform_failure
 from pretrain.data.shardlists import (StreamSource, derive_seed, epoch_shard_order, expand_shards,
                                       read_tar_samples, resampled_shards, slot_shards)
 
@@ -44,6 +46,7 @@ POSITION_FORMAT = 1
 # A run of this many rejected samples in a row means the data do not fit the transform
 # (e.g. 3D volumes fed to a 2D model): fail loudly instead of spinning forever.
 MAX_CONSECUTIVE_BAD = 1000
+LOGGED_BAD_SAMPLES = 20  # per slot, each named in the log; after that every 100th
 
 
 @dataclass
@@ -53,6 +56,8 @@ class _SlotState:
     slot: int
     corrupt: dict[str, str] = field(default_factory=dict)  # shard -> first reason
     bad_samples: int = 0
+    bad_by_reason: dict[str, int] = field(default_factory=dict)
+    good_samples: int = 0  # accepted, replayed ones included (counts match an uninterrupted stream's)
     last_error: str = ""
 
     def report_corrupt(self, url: str, reason: str) -> None:
@@ -74,8 +79,9 @@ class ShardStream(IterableDataset):
     instead draws shards with replacement, and epochs count ``len(urls) / slots``
     shards drawn. Each batch dict gets ``"_stream": {"slot", "epoch",
     "corrupt_shards", "bad_samples"}``, counted per slot since its start; ``epoch``
-    is that of the batch's last sample. Every new iterator starts again at
-    ``start_batch``: build one loader iterator per run.
+    is that of the batch's last sample; ``bad_by_reason``, ``good_samples`` and ``last_error`` say what was
+    rejected and why. A data fault that stops the stream arrives as a last item ``{"_stream": {"fatal"}}``.
+    Every new iterator starts again at ``start_batch``: build one loader iterator per run.
     """
 
     def __init__(self, sources: list[StreamSource], *, batch_size: int, transform: Callable[[dict], dict],
@@ -165,7 +171,16 @@ class ShardStream(IterableDataset):
         # which the original run got from worker start_batch % W: rotate the workers' roles.
         role = ((0 if info is None else info.id) + self.start_batch) % workers
         delivered = len(range(role, self.start_batch, workers))
-        return self._slot_batches(self.rank * workers + role, self.world_size * workers, delivered)
+        return self._reporting_data_errors(self.rank * workers + role, self.world_size * workers, delivered)
+
+    def _reporting_data_errors(self, slot: int, slots: int, delivered_batches: int) -> Iterator[dict[str, Any]]:
+        """The slot's batches; a :class:`DataError` ends them with a last item ``{"_stream": {"fatal": message}}``
+        instead of a raise: from a DataLoader worker a raise would reach the trainer wrapped in the worker's
+        traceback, and the message is the user's to read (the trainer raises it again, see ``train_step``)."""
+        try:
+            yield from self._slot_batches(slot, slots, delivered_batches)
+        except DataError as e:
+            yield {"_stream": {"slot": slot, "fatal": str(e)}}
 
     def _slot_batches(self, slot: int, slots: int, delivered_batches: int) -> Iterator[dict[str, Any]]:
         state = _SlotState(slot)
@@ -180,10 +195,11 @@ class ShardStream(IterableDataset):
             if sample is None:
                 bad_in_a_row += 1
                 if bad_in_a_row >= MAX_CONSECUTIVE_BAD:
-                    raise RuntimeError(f"slot {slot}: {bad_in_a_row} samples in a row were rejected, the last "
-                                       f"({raw.get('__key__')!r} of {raw.get('__url__')}) because: {state.last_error}")
+                    raise DataError(f"{bad_in_a_row} samples in a row were rejected (by reason: "
+                                    f"{state.bad_by_reason}); the last: {state.last_error}")
                 continue
             bad_in_a_row = 0
+            state.good_samples += 1
             if replaying:
                 to_skip -= 1
                 continue
@@ -193,21 +209,41 @@ class ShardStream(IterableDataset):
                 if not isinstance(out, dict):
                     raise TypeError(f"collate must return a dict, got {type(out).__name__}")
                 out["_stream"] = {"slot": slot, "epoch": raw["__epoch__"], "corrupt_shards": len(state.corrupt),
-                                  "bad_samples": state.bad_samples}
+                                  "bad_samples": state.bad_samples, "bad_by_reason": dict(state.bad_by_reason),
+                                  "good_samples": state.good_samples, "last_error": state.last_error}
                 yield out
                 batch = []
 
     def _prepare(self, raw: dict[str, Any], state: _SlotState, *, transform: bool) -> dict | None:
-        """Decoded (and, unless replaying, transformed) sample, or None for a bad one."""
+        """Decoded (and, unless replaying, transformed) sample, or None for a bad one (counted by reason)."""
         try:
             sample = decode_sample(raw)
-            sample.update(__seed__=raw["__seed__"], __epoch__=raw["__epoch__"], __source__=raw["__source__"])
-            return self.transform(sample) if transform else sample
-        except ValueError as e:  # SampleDecodeError is a ValueError; transforms reject with ValueError
-            state.bad_samples += 1
-            state.last_error = str(e)
-            logger.warning("skipping sample %r of shard %s: %s", raw.get("__key__"), raw.get("__url__"), e)
-            return None
+        except BadSample as e:
+            return self._reject(raw, state, e)
+        if not transform:
+            return sample
+        sample.update(__seed__=raw["__seed__"], __epoch__=raw["__epoch__"], __source__=raw["__source__"])
+        try:
+            out = self.transform(sample)
+            check_view(sample, out)
+            return out
+        except MemoryError:
+            raise
+        except Exception as e:  # any failure on one sample costs that sample, never the worker or its batch
+            return self._reject(raw, state, transform_failure(sample, e))
+
+    @staticmethod
+    def _reject(raw: dict[str, Any], state: _SlotState, error: BadSample) -> None:
+        state.bad_samples += 1
+        state.bad_by_reason[error.reason] = state.bad_by_reason.get(error.reason, 0) + 1
+        state.last_error = str(error)
+        if state.bad_samples <= LOGGED_BAD_SAMPLES or state.bad_samples % 100 == 0:  # the message names key and shard
+            logger.warning("skipping a sample (%s, %d so far in slot %d): %s", error.reason, state.bad_samples,
+                           state.slot, error)
+        if state.bad_samples == LOGGED_BAD_SAMPLES:
+            logger.warning("slot %d: further rejected samples are counted (data/bad_samples/<reason>), and "
+                           "only every 100th is named", state.slot)
+        return None
 
     def _raw_samples(self, slot: int, slots: int, state: _SlotState) -> Iterator[dict[str, Any]]:
         streams = [self._source_samples(i, source, slot, slots, state) for i, source in enumerate(self.sources)]
@@ -281,7 +317,7 @@ class ShardStream(IterableDataset):
                             yield raw
                         seen += 1
                 if produced == 0:
-                    raise RuntimeError(self._starved_message(index, source, state, seen, slots))
+                    raise DataError(self._starved_message(index, source, state, seen, slots))
             epoch += 1
 
     def _resampled_samples(self, index: int, source: StreamSource, slot: int, slots: int,
@@ -299,7 +335,7 @@ class ShardStream(IterableDataset):
                 continue
             dry.add(url)
             if len(dry) == len(set(source.urls)):
-                raise RuntimeError(self._starved_message(index, source, state, 0, slots))
+                raise DataError(self._starved_message(index, source, state, 0, slots))
 
     def _require_any_sample(self, index: int, source: StreamSource, state: _SlotState) -> None:
         """After an epoch in which this slot's shards gave nothing: go on only if some shard can."""
@@ -311,7 +347,7 @@ class ShardStream(IterableDataset):
             samples.close()
             if found:
                 return
-        raise RuntimeError(self._starved_message(index, source, state, 0, 1))
+        raise DataError(self._starved_message(index, source, state, 0, 1))
 
     def _starved_message(self, index: int, source: StreamSource, state: _SlotState, seen: int, slots: int) -> str:
         label = self._label(index, source)

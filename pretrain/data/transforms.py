@@ -30,7 +30,8 @@ def to_tensor(image: np.ndarray, intensity: str = "zscore") -> torch.Tensor:
     if intensity == "zscore":
         dims = tuple(range(1, x.ndim))
         mean = x.mean(dim=dims, keepdim=True)
-        std = x.std(dim=dims, keepdim=True)
+        # one value per channel has no (n - 1) std (torch gives NaN): such an image normalises to zeros
+        std = x.std(dim=dims, keepdim=True) if x[0].numel() > 1 else torch.zeros_like(mean)
         return (x - mean) / std.clamp_min(1e-6)
     if intensity == "range":
         if np.issubdtype(image.dtype, np.integer):

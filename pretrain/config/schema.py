@@ -34,9 +34,13 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer; 0 or 1: no sample-level shuffling
     resample: bool = False  # draw shards with replacement instead of shuffled passes (epochs) over them
     intensity: Literal["zscore", "range", "none"] = "zscore"  # per-image intensity normalisation
+    # Rejected samples (bad shape, dtype, NaN/inf, undecodable; counted in data/bad_samples/<reason>) may be at
+    # most this share of those read; more stops the run with a diagnosis (checked at log steps and at the end).
+    max_bad_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         check_range("data.batch_size", self.batch_size, 1)
+        check_range("data.max_bad_fraction", self.max_bad_fraction, 0, 1)
         check_range("data.num_workers", self.num_workers, 0)
         check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
         if self.train and not sum(s.weight for s in self.train) > 0:
@@ -81,13 +85,21 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on rank 0's stderr
     export_on_end: bool = True  # export the encoder to <run_dir>/export when the run finishes (not interrupted)
     threads: int = 0  # torch intra-op threads per rank; 0 leaves torch's default
+    # Non-finite steps (README, "When training is not finite"): a step whose loss is NaN/inf is skipped.
+    nonfinite_in_a_row: int = 3  # skipped steps in a row that roll back to the last checkpoint (as do NaN weights)
+    max_rollbacks: int = 2  # rollbacks per run (each goes on past the batches that led to it); then exit 6
+    rollback_lr_scale: float = 1.0  # lr multiplier per rollback (cumulative), e.g. 0.5; 1 keeps the schedule
+    max_skipped_fraction: float = 0.1  # more of the steps so far skipped (judged from step 20) stops the run (exit 6)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"config key 'train.zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
-        for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints", "nonfinite_in_a_row"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key 'train.{name}' must be >= 1, got {getattr(self, name)}")
+        check_range("train.max_rollbacks", self.max_rollbacks, 0)
+        check_range("train.rollback_lr_scale", self.rollback_lr_scale, 0, 1, low_open=True)
+        check_range("train.max_skipped_fraction", self.max_skipped_fraction, 0, 1)
 
 
 TRAINING_PROTOCOLS = ("fewshot", "segment")

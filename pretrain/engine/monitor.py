@@ -107,6 +107,12 @@ class Monitor:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(n)
 
+    def rewind(self, step: int) -> None:
+        """The run went back to ``step`` (a rollback): the bar shows it."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return

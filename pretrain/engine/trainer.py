@@ -29,9 +29,11 @@ from pretrain.data.transforms import eval_view
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine import run_lock
 from pretrain.engine.compute import compute_record
+from pretrain.engine.data_health import DataHealth
 from pretrain.engine.distributed import DistInfo, setup_distributed, teardown_distributed
 from pretrain.engine.ds_setup import PRECISION_DTYPES, build_optimizer, deepspeed_config, move_batch
 from pretrain.engine.monitor import Monitor, StepTimer, memory_stats, peak_flops
+from pretrain.engine.nonfinite import NonFiniteGuard, TrainingDiverged, weights_finite
 from pretrain.engine.preemption import StopRequest
 from pretrain.engine.threads import plan_threads
 from pretrain.eval.collapse import embedding_scalars
@@ -175,12 +177,22 @@ class Trainer:
             # Another worker count, seed or batch size would silently resume on other samples.
             self._check_data_position(client["data"], self.ckpt_dir / tag)
         self.resumed = tag is not None
+        self.data_health = DataHealth(cfg.data.max_bad_fraction)
+        t = cfg.train
+        self.guard = NonFiniteGuard(
+            t.nonfinite_in_a_row, t.max_rollbacks, t.rollback_lr_scale, t.max_skipped_fraction,
+            hint=f"lower optim.lr (now {cfg.optim.lr:g}) or optim.grad_clip (now {cfg.optim.grad_clip:g}), "
+                 "or look for extreme values in the data (data/bad_samples counts what was rejected)")
         self.stream = self._build_stream()
 
     # --- data ---------------------------------------------------------------------------
+    def _batches_consumed(self) -> int:
+        """Micro-batches this rank's stream has delivered: the steps' plus those a rollback went past."""
+        return self.step * self.cfg.train.grad_accum + int(self.history.get("batches_skipped", 0))
+
     def _build_stream(self) -> ShardStream:
         return build_train_stream(self.cfg, self.objective.data_recipe(), self.dist.rank, self.dist.world_size,
-                                  self.step * self.cfg.train.grad_accum)
+                                  self._batches_consumed())
 
     def _check_data_position(self, position: dict[str, Any], where: Path) -> None:
         """Refuse a resume that could not replay the same data (other workers, world size, seed, batch)."""
@@ -192,12 +204,13 @@ class Trainer:
             )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        if start != self.step * self.cfg.train.grad_accum:
+        if start != self._batches_consumed():
             raise ValueError(f"{where}: data position {start} batches does not match step {self.step} "
-                             f"x grad_accum {self.cfg.train.grad_accum}; was train.grad_accum changed?")
+                             f"x grad_accum {self.cfg.train.grad_accum} (+ {self.history.get('batches_skipped', 0)} "
+                             "passed by rollbacks); was train.grad_accum changed?")
 
     def _data_position(self) -> dict[str, Any]:
-        return self.stream.position(self.step * self.cfg.train.grad_accum)
+        return self.stream.position(self._batches_consumed())
 
     # --- evaluation ---------------------------------------------------------------------
     def _eval_data(self) -> FrozenEvalData | None:
@@ -312,6 +325,10 @@ class Trainer:
                     self.objective.after_step(self.step)
                 self.step += 1
                 timer.steps += 1
+                rollback = self.guard.after_step(self.step, not parts, self.history)
+                if rollback:
+                    metrics_file = self._roll_back(rollback, monitor, metrics_file)
+                    continue
                 last = self.step == t.steps
                 if log_now:
                     last_parts = self._reduce_parts(parts)
@@ -321,12 +338,13 @@ class Trainer:
                         scalars.update(embedding_scalars(out))  # collapse indicators of this rank's batch
                     if stream_stats:
                         scalars["data/corrupt_shards"] = stream_stats.get("corrupt_shards", 0)
-                        scalars["data/bad_samples"] = stream_stats.get("bad_samples", 0)
+                    scalars.update(self.data_health.scalars())
                     monitor.scalars(self.step, scalars)
                     if metrics_file is not None:
                         metrics_file.write(json.dumps({"step": self.step, **scalars}) + "\n")
                         metrics_file.flush()
                     timer.reset()
+                    self.data_health.check(self.dist.device, self.dist.world_size)  # all ranks log at this step
                 # the last logged loss (reduced over ranks); none before the first log step, not "nan"
                 shown = {"loss": f"{last_parts['loss']:.4f}"} if "loss" in last_parts else {}
                 monitor.advance(1, {**shown, "lr": f"{lr:.2e}"})
@@ -336,6 +354,13 @@ class Trainer:
                     self._log_eval(monitor, self.evaluate(), f"step {self.step}")
                 interrupted = stop.agreed(self.dist.device) if stop is not None and not last else None
                 if self.step % t.ckpt_every == 0 or last or interrupted:
+                    if not weights_finite(self.engine.module.parameters(), self.dist.device, self.dist.world_size):
+                        # never checkpoint (or export) non-finite weights: go back to the last good ones
+                        metrics_file = self._roll_back(f"the weights are not finite at step {self.step}", monitor,
+                                                       metrics_file)
+                        if interrupted:
+                            break
+                        continue
                     self.history["wall_seconds"] += time.perf_counter() - started
                     started = time.perf_counter()
                     self.history["final_loss"] = last_parts.get("loss")
@@ -343,6 +368,8 @@ class Trainer:
                 if interrupted:
                     monitor.message(f"[medpretrain] {interrupted.name} received: checkpointed step {self.step}, stopping")
                     break
+            if not interrupted:
+                self.data_health.check(self.dist.device, self.dist.world_size, final=True)
             final = None if interrupted else self.evaluate()
             self._log_eval(monitor, final, f"step {self.step}")
         finally:
@@ -351,6 +378,30 @@ class Trainer:
                 metrics_file.close()
             del batches
         return self._summary(final, time.perf_counter() - started, interrupted.name if interrupted else None)
+
+    def _roll_back(self, reason: str, monitor: Monitor, metrics_file):
+        """Reload the last checkpoint after ``reason`` (non-finite steps or weights) and go on past the batches
+        that led there; raises TrainingDiverged when that is not allowed. Returns the reopened metrics file."""
+        tag = ckpt.latest_tag(self.ckpt_dir)
+        self.guard.rollback_allowed(reason, self.history, None if tag is None else int(tag.split("_")[-1]))
+        consumed, at_step = self._batches_consumed(), self.step
+        rollbacks = list(self.history.get("rollbacks", []))
+        client, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        self.objective.load_rank_state(rank_state.get("objective", {}))
+        self.step, self.history = int(client["step"]), client["history"]
+        rollbacks.append({"from_step": at_step, "to_step": self.step, "reason": reason})
+        self.history["rollbacks"] = rollbacks
+        self.history["batches_skipped"] = consumed - self.step * self.cfg.train.grad_accum
+        self.guard.reset()
+        lr_factor = self.guard.lr_factor(self.history)
+        monitor.message(f"[medpretrain] warning: {reason}: rolled back to step {self.step} (rollback "
+                        f"{len(rollbacks)} of at most {self.cfg.train.max_rollbacks}), going on past the batches of "
+                        f"steps {self.step + 1}-{at_step}" + (f", lr x {lr_factor:g}" if lr_factor != 1 else ""))
+        monitor.rewind(self.step)
+        if metrics_file is None:
+            return None
+        metrics_file.close()
+        return open_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def train_step(self, batches, timer: StepTimer | None = None, measure_grad_norm: bool = False):
         """One optimizer step over ``grad_accum`` micro-batches from ``batches``, through the objective's
@@ -366,6 +417,7 @@ class Trainer:
         for _ in range(accum):
             batch = next(batches)
             stream_stats = batch.pop("_stream", None)
+            self.data_health.update(stream_stats)  # raises the stream's own data fault, if it stopped on one
             micro_batches.append(move_batch(batch, self.dist.device))
         t1 = time.perf_counter()
         outputs = self.objective.train_step(micro_batches, _EngineStepper(self, measure_grad_norm))
@@ -397,7 +449,8 @@ class Trainer:
         parts = {k: float(v.detach().float()) for k, v in out.items() if not k.startswith("_") and v.numel() == 1}
         where = f"step {self.step + 1} (rank {self.dist.rank} parts: {parts})"
         if self.cfg.train.grad_accum > 1:
-            raise FloatingPointError(f"non-finite loss at {where}; skipping needs train.grad_accum=1")
+            raise TrainingDiverged(f"non-finite loss at {where}; skipping a step (and rolling back) needs "
+                                   "train.grad_accum=1; the last checkpoint is untouched")
         self.history["skipped_nonfinite"] = self.history.get("skipped_nonfinite", 0) + 1
         print(f"[medpretrain] non-finite loss at {where}: step skipped "
               f"({self.history['skipped_nonfinite']} so far)", file=sys.stderr, flush=True)
@@ -413,6 +466,7 @@ class Trainer:
         """Every schedule's value for the coming step: lr and weight decay into the optimizer's groups
         (times each group's scales), the objective's own into the objective. Returns them all."""
         values = {name: schedule(self.step, self.cfg.train.steps) for name, schedule in self.schedules.items()}
+        values["lr"] *= self.guard.lr_factor(self.history)  # lowered by rollbacks, where rollback_lr_scale < 1
         apply_scales(self.engine.optimizer.param_groups, values["lr"], values["weight_decay"])
         self.objective.set_schedules(self.step, {k: v for k, v in values.items() if k not in ("lr", "weight_decay")})
         return values
@@ -470,6 +524,9 @@ class Trainer:
             "tensorboard": str((self.run_dir / "tb").resolve()),
             "export": None,
             "interrupted": interrupted,
+            "skipped_nonfinite": self.history.get("skipped_nonfinite", 0),
+            "rollbacks": self.history.get("rollbacks", []),
+            "bad_samples": self.data_health.local()[2],  # this rank's rejected samples by reason
         }
         if self.dist.is_main and not interrupted:
             write_summary(self.run_dir, summary)

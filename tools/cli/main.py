@@ -14,6 +14,9 @@ from pretrain.tools.cli.args import Parser, positive_number
 EXIT_USAGE = 2  # a config, option or path the user gave (argparse's own code for bad options)
 EXIT_DATA = 3  # shards or samples that cannot serve the command
 EXIT_CHECKPOINT = 4  # a run's checkpoints that cannot be read as asked
+EXIT_ENVIRONMENT = 5  # the machine: a folder that cannot be written, a full disk, a missing device
+EXIT_TRAINING = 6  # a run that diverged (non-finite weights or steps) past what rollbacks could mend
+DEBUG_ENV = "MEDPRETRAIN_DEBUG"  # set by --debug; rank processes inherit it
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -193,6 +196,8 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pretrain", description="medpretrain: pretrain medical-imaging encoders")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain (or resume) a run from a YAML config")
@@ -288,29 +293,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and not args.random_init and not args.source:
         print(f"pretrain eval {args.eval_command}: give SOURCE or --random-init CONFIG", file=sys.stderr)
         return 2
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        from pretrain.config import ConfigError
-        from pretrain.data.codec import SampleDecodeError
-        from pretrain.data.errors import DataError
-        from pretrain.data.manifest import ManifestError
-        from pretrain.storage.checkpoints import CheckpointError
-        from pretrain.tools.export.encoder import ExportError
-        from pretrain.tools.export.push import PushError
-        from pretrain.tools.scaling.cli import ScalingError
+    except (ValueError, OSError, RuntimeError) as e:
+        code = error_exit_code(e)
+        if code is None or os.environ.get(DEBUG_ENV):
+            raise
+        return code
 
-        if isinstance(e, (ConfigError, FileNotFoundError, ExportError, PushError, ScalingError)):
-            print(f"pretrain: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(e, (DataError, ManifestError, SampleDecodeError)):
-            print(f"pretrain: data error: {e}", file=sys.stderr)
-            return EXIT_DATA
-        if isinstance(e, CheckpointError):
-            print(f"pretrain: checkpoint error: {e}", file=sys.stderr)
-            return EXIT_CHECKPOINT
-        raise
 
+def error_exit_code(e: BaseException) -> int | None:
+    """Print the one-line message of an error a user can cause and return its exit code; None for others
+    (bugs keep their traceback)."""
+    from pretrain.config import ConfigError
+    from pretrain.data.codec import SampleDecodeError
+    from pretrain.data.errors import DataError
+    from pretrain.data.manifest import ManifestError
+    from pretrain.engine.nonfinite import TrainingDiverged
+    from pretrain.storage.checkpoints import CheckpointError
+    from pretrain.tools.export.encoder import ExportError
+    from pretrain.tools.export.push import PushError
+    from pretrain.tools.scaling.cli import ScalingError
+
+    classes = [
+        ((ConfigError, FileNotFoundError, ExportError, PushError, ScalingError), "error", EXIT_USAGE),
+        ((DataError, ManifestError, SampleDecodeError), "data error", EXIT_DATA),
+        ((CheckpointError,), "checkpoint error", EXIT_CHECKPOINT),
+        ((TrainingDiverged,), "training stopped", EXIT_TRAINING),
+        ((OSError,), "environment error", EXIT_ENVIRONMENT),  # after FileNotFoundError, an OSError too
+    ]
+    for types, label, code in classes:
+        if isinstance(e, types):
+            print(f"pretrain: {label}: {_describe_error(e)} (--debug shows the traceback)", file=sys.stderr)
+            return code
+    return None
+
+
+def _describe_error(e: BaseException) -> str:
+    """The message, with an OSError's file and errno spelled out (``str()`` of some omits the path)."""
+    import errno
+
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None and e.filename:
+        hint = {errno.ENOSPC: "; free space on that filesystem", errno.EFBIG: "; the file size limit was reached",
+                errno.EACCES: "; check its permissions", errno.EROFS: "; the filesystem is read-only"}
+        return f"{e.filename}: {e.strerror}{hint.get(e.errno, '')}"
+    return str(e)
 
 if __name__ == "__main__":
     sys.exit(main())

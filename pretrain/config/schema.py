@@ -34,6 +34,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer; 0 or 1: no sample-level shuffling
     resample: bool = False  # draw shards with replacement instead of shuffled passes (epochs) over them
     intensity: Literal["zscore", "range", "none"] = "zscore"  # per-image intensity normalisation
+    # Train on a shard folder whose `pretrain shards write` has not finished (a journal but no manifest, or a
+    # .tar.tmp): false refuses it, since it holds only part of the data; rerunning the command finishes it.
+    allow_incomplete_shards: bool = False
 
     def __post_init__(self) -> None:
         check_range("data.batch_size", self.batch_size, 1)

@@ -227,3 +227,53 @@ def test_plain_shard_folders_lists_and_globs_still_train(finished: Path, tmp_pat
     for spec in (str(plain), str(plain / "shard-{000000..000002}.tar"), str(plain / "*.tar")):
         check_shard_sets(load_config(DEMO, [f"data.train={spec}", *NO_EVAL]))
     assert unfinished_conversion(plain) is None and unfinished_conversion(finished) is None
+
+
+def test_a_fifo_in_a_nifti_folder_is_skipped_never_opened(tmp_path: Path):
+    import json
+
+    import nibabel
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4)), src / "t1.nii.gz")
+    os.mkfifo(src / "pipe")  # no suffix: the DICOM probe would open it and wait forever
+    env = dict(os.environ, MEDPRETRAIN_SALT="test-salt-0123456789abcdef")
+    done = subprocess.run(CLI + ["shards", "write", str(src), str(out), "--workers", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "pipe: not a regular file (a FIFO)" in done.stderr
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [s["reason"] for s in skipped] == ["not a regular file (a FIFO): skipped without opening it"]
+
+
+def test_an_interrupted_split_conversion_resumes_to_the_uninterrupted_splits(tmp_path: Path, monkeypatch):
+    import pretrain.tools.ingest.images as images
+
+    src, out, clean = tmp_path / "src", tmp_path / "out", tmp_path / "clean"
+    _pngs(src, 40)
+    os.mkfifo(src / "a_pipe.png")  # sorts first: a failure journaled before the crash is listed once, in its place
+    kwargs = dict(max_samples_per_shard=3, progress=False)
+    write_split_shards(src, clean, "0.5,0.5,0", **kwargs)
+    real, calls = images.encode_sample, []
+
+    def crash_on_the_25th(*args, **kw):  # a crash with shards of both splits done and both half-filled
+        calls.append(1)
+        if len(calls) == 25:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(images, "encode_sample", crash_on_the_25th)
+    with pytest.raises(KeyboardInterrupt):
+        write_split_shards(src, out, "0.5,0.5,0", **kwargs)
+    monkeypatch.setattr(images, "encode_sample", real)
+    journal = (out / JOURNAL_NAME).read_text()
+    assert journal.count('{"failed": ') == 1 and journal.count('{"shard": ') >= 4
+    assert all(unfinished_conversion(out / split) for split in ("train", "val"))
+    with pytest.raises(ValueError, match=r"split_seed: was 0, now 1.*--overwrite"):
+        write_split_shards(src, out, "0.5,0.5,0", split_seed=1, **kwargs)
+    write_split_shards(src, out, "0.5,0.5,0", **kwargs)
+    for split in ("train", "val"):
+        assert read_manifest(out / split) == read_manifest(clean / split)
+        assert _shards(out / split) == _shards(clean / split)
+    assert not (out / JOURNAL_NAME).exists()

@@ -53,7 +53,7 @@ from pretrain.data.privacy import hashed_key, load_salt, salt_fingerprint, salt_
 from pretrain.data.readers import ReadError, parse_spacing, read_image_file
 from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
 from pretrain.tools.ingest.journal import Journal, JournaledWriter, drop_unjournaled, restore
-from pretrain.tools.ingest.shard_sink import ShardSink
+from pretrain.tools.ingest.shard_sink import ShardSink  # re-exported: tools/demo writes its shards with it
 
 logger = logging.getLogger(__name__)
 
@@ -278,9 +278,12 @@ def write_shards(
 
     A shard closes when the next sample would pass ``max_samples_per_shard``
     or ``max_shard_bytes`` (a single sample larger than the byte limit gets a
-    shard of its own). Unreadable files are logged, recorded under
-    ``failed`` in the manifest, and skipped. Refuses an ``out`` that already
-    holds shards unless ``overwrite`` (which deletes its ``*.tar`` and manifest).
+    shard of its own). Unreadable files (and special files, never opened) are
+    logged, recorded under ``failed`` in the manifest, and skipped. An ``out``
+    whose journal shows an unfinished conversion with the same settings is
+    continued; other settings raise ``ValueError`` naming the one that changed.
+    Refuses an ``out`` that already holds shards and no journal unless
+    ``overwrite`` (which deletes its ``*.tar``, manifest and journal and starts over).
     ``group_by`` names a labels-CSV column (e.g. patient); with a ``salt`` (see ``load_salt``) each sample
     records the group's salted HMAC as its ``patient``.
     """

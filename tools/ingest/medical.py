@@ -20,15 +20,18 @@ explicit ``nifti_4d`` choice recorded in each manifest's ``conversion``,
 either one sample per volume (``samples``, the default: each records its
 ``time_point``) or one sample with the volumes as channels (``channels``).
 
-Restartable: ``OUT/journal.jsonl`` records each completed shard with the
-samples it holds (appended after the shard's atomic rename). A rerun with the
+Restartable: ``OUT/journal.jsonl`` (``tools/ingest/journal.py``, shared with
+the image writer) records each completed shard with the samples it holds
+(appended after the shard's atomic rename). A rerun with the
 same settings drops any shard the journal does not list and converts only the
 samples no journaled shard holds, so a killed run resumes with no duplicate
 and no partial shard. Bad inputs are logged with their folder or path (the
 console is the only place that names them) and skipped; in the output folder
 (manifests' ``failed``, ``OUT/skipped.json``, the journal) they appear by their
 salted key with the reason, paths redacted, since folder and file names
-identify patients as often as DICOM tags do.
+identify patients as often as DICOM tags do. FIFOs, sockets, devices, broken
+links and folders that cannot be listed are never opened: they go to
+``OUT/skipped.json`` with their reason.
 """
 from __future__ import annotations
 

@@ -37,6 +37,9 @@ class DataConfig:
     # Rejected samples (bad shape, dtype, NaN/inf, undecodable; counted in data/bad_samples/<reason>) may be at
     # most this share of those read; more stops the run with a diagnosis (checked at log steps and at the end).
     max_bad_fraction: float = 0.05
+    # Train on a shard folder whose `pretrain shards write` has not finished (a journal but no manifest, or a
+    # .tar.tmp): false refuses it, since it holds only part of the data; rerunning the command finishes it.
+    allow_incomplete_shards: bool = False
 
     def __post_init__(self) -> None:
         check_range("data.batch_size", self.batch_size, 1)

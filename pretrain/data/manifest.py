@@ -1,7 +1,8 @@
 """``manifest.json``: what a shard folder holds, and checks that it still does.
 
-Written last by ``tools/shards.py`` (so a folder with a manifest is complete),
-read by the data stream to find shards and by users to see what went in:
+Written last by ``pretrain shards write`` (``tools/ingest``; so a folder with a
+manifest is complete), read by the data stream to find shards and by users to
+see what went in:
 
     {
       "format": "medpretrain-shards/1",
@@ -17,6 +18,10 @@ read by the data stream to find shards and by users to see what went in:
 
 ``shape_min``/``shape_max`` are element-wise over the spatial shape (channels
 are listed separately), grouped by the number of spatial dims.
+
+While a conversion is unfinished, ``journal.jsonl`` (in the output folder, the
+parent of its ``train``/``val``/``test`` folders) records its progress and the
+shard being written is a ``.tar.tmp``; ``unfinished_conversion`` tells training so.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from typing import Any
 
 FORMAT = "medpretrain-shards/1"
 MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "journal.jsonl"  # a conversion's progress: see tools/ingest/journal.py
+_SPLIT_FOLDERS = ("train", "val", "test")  # a split conversion keeps its journal one level up
 _REQUIRED_KEYS = (
     "format",
     "num_samples",
@@ -144,6 +151,24 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
 def shard_paths(shard_dir: str | Path) -> list[Path]:
     """Paths of the shards listed in ``shard_dir``'s manifest, in manifest order."""
     return [Path(shard_dir) / shard["name"] for shard in read_manifest(shard_dir)["shards"]]
+
+
+def unfinished_conversion(shard_dir: str | Path) -> str | None:
+    """Why ``shard_dir`` is a conversion that has not finished (or is still running), or None.
+
+    Unfinished: a ``*.tar.tmp`` (a shard being written), or a journal (in the
+    folder, or one up for a split folder) but no manifest. A folder of plain
+    shards no writer of ours made (no journal, no ``.tmp``) is not flagged.
+    """
+    folder = Path(shard_dir)
+    partial = sorted(p.name for p in folder.glob("*.tar.tmp"))
+    if partial:
+        return f"it holds the partly written shard {partial[0]}"
+    journals = [folder / JOURNAL_NAME] + ([folder.parent / JOURNAL_NAME] if folder.name in _SPLIT_FOLDERS else [])
+    journal = next((j for j in journals if j.exists()), None)
+    if journal is not None and not (folder / MANIFEST_NAME).exists():
+        return f"{journal} records a conversion that has not written {MANIFEST_NAME} yet"
+    return None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -14,10 +14,13 @@ import json
 import os
 import random
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
+
+from pretrain.data.errors import DataError
 
 try:  # webdataset depends on braceexpand; keep a fallback for bare installs
     from braceexpand import braceexpand
@@ -58,6 +61,7 @@ def _manifest_shards(folder: str) -> list[str] | None:
     path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.exists(path):
         return None
+    _check_regular(path, "shard manifest")
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -86,6 +90,19 @@ def _expand_one(spec: str) -> list[str]:
     return [spec] if os.path.exists(spec) else []
 
 
+def _check_regular(path: str, what: str) -> None:
+    """DataError unless an existing local ``path`` is a regular file: opening a FIFO would wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreachable: the stream reports it as a damaged shard when it gets there
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a folder"
+                if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+        raise DataError(f"{path}: this {what} is not a regular file ({kind}), so it is not read (a FIFO would "
+                        "block training forever); remove it or name the shards without it")
+
+
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Shard paths (or URLs) named by ``spec``, in a fixed order.
 
@@ -96,6 +113,8 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
     Raises:
         ValueError: naming the spec (or list element) that matched no shard.
+        DataError: naming a local shard (or manifest) that exists but is not a regular file (a FIFO, socket,
+            device or folder), which is never opened.
     """
     if isinstance(spec, (list, tuple)):
         if not spec:
@@ -106,6 +125,9 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     urls = _expand_one(spec)
     if not urls:
         raise ValueError(f"shard spec {spec!r} matches no shard (no such file, empty folder or no glob match)")
+    for url in urls:
+        if not has_scheme(url):
+            _check_regular(url, "shard")
     return urls
 
 

@@ -68,7 +68,8 @@ def _eval_view(sample: dict, *, size, channels: int, intensity: str) -> torch.Te
 
 def check_shard_sets(cfg: RunConfig) -> None:
     """Every shard set the config names resolves to shards: checked before a run writes anything, so a wrong
-    path is one message naming its key, not a half-made run directory and a traceback."""
+    path is one message naming its key, not a half-made run directory and a traceback. A shard folder whose
+    conversion has not finished is refused (DataError) unless ``data.allow_incomplete_shards``."""
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is empty: give at least one shard set")
     named = [(f"data.train.{i}.shards" if len(cfg.data.train) > 1 else "data.train", s.shards)
@@ -79,11 +80,27 @@ def check_shard_sets(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'eval.{missing}' is empty while 'eval.{given}' is set: evaluation needs both "
                           "labelled shard sets (or neither, to train without evaluation)")
     named += [(f"eval.{k}", getattr(ev, k)) for k in ("knn_train", "knn_val") if getattr(ev, k)]
+    from pretrain.data.errors import DataError
+    from pretrain.data.manifest import unfinished_conversion
+
     for key, spec in named:
         try:
             expand_shards(spec)
+        except DataError as e:  # shards that exist but cannot be read (a FIFO): the data's fault, not the key's
+            raise DataError(f"config key {key!r}: {e}") from None
         except ValueError as e:
             raise ConfigError(f"config key {key!r}: {e}") from None
+        # A half-written folder would train on part of the data with no word; glob/list entries are the user's.
+        for folder in [s for s in ([spec] if isinstance(spec, str) else spec) if Path(s).is_dir()]:
+            reason = unfinished_conversion(folder)
+            if reason is None:
+                continue
+            if not cfg.data.allow_incomplete_shards:
+                raise DataError(f"config key {key!r}: {folder} is an unfinished shard conversion ({reason}); "
+                                "finish it by rerunning the same `pretrain shards write` command, or set "
+                                "data.allow_incomplete_shards=true to train on the shards it holds so far")
+            log.warning("%s: %s is an unfinished shard conversion (%s); training on the shards it holds so far "
+                        "(data.allow_incomplete_shards)", key, folder, reason)
 
 
 def upsampling_warnings(cfg: RunConfig, view_size: tuple[int, ...] | None) -> list[str]:

@@ -250,8 +250,14 @@ def test_crash_leaves_no_partial_shard(source: tuple[Path, dict], tmp_path: Path
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_shards(src, out, max_samples_per_shard=3, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]  # complete; no .tmp, no manifest
+    # complete shard and the journal that lists it; no .tmp, no manifest
+    assert sorted(p.name for p in out.iterdir()) == ["journal.jsonl", "shard-000000.tar"]
     assert len(list(webdataset.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))) == 3
+
+    monkeypatch.setattr(shards_module, "encode_sample", real_encode)
+    resumed = write_shards(src, out, max_samples_per_shard=3, progress=False)  # the same command finishes it
+    clean = write_shards(src, tmp_path / "clean", max_samples_per_shard=3, progress=False)
+    assert resumed == clean and not (out / "journal.jsonl").exists()
 
 
 def test_cli_write_and_verify(source: tuple[Path, dict], tmp_path: Path, capsys) -> None:

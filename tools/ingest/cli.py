@@ -48,7 +48,8 @@ def add_shards_parser(subparsers: Any) -> Any:
         "--shard-mb", type=positive_number(float), default=256.0, metavar="MB", help="shard size limit in MiB (default: 256)"
     )
     write.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
-    write.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    write.add_argument("--overwrite", action="store_true", help="start over: replace shards already in OUT "
+                       "(without it, an interrupted conversion of the same settings continues)")
     write.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     medical_group = write.add_argument_group("DICOM / NIfTI folders (recognised by content; converted per patient split)")
     add_medical_options(medical_group, labels_flag=True)

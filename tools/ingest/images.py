@@ -8,7 +8,18 @@ Files are visited in sorted relative-path order, so the same folder always
 gives the same shards (tar members carry a fixed mtime: byte-identical
 output). Each shard is written under ``<name>.tmp`` and renamed when
 complete; the manifest is written last, so a folder with a manifest is whole.
-A file that cannot be read is logged, listed in the manifest and skipped.
+
+Restartable: ``OUT/journal.jsonl`` (``tools/ingest/journal.py``) records the
+settings and each completed shard. Rerunning the same command after a kill
+continues where it stopped and ends with the shards and manifest an
+uninterrupted run writes; other settings are refused, naming the one that
+changed (``--overwrite`` starts over). The journal is deleted once every
+manifest is written.
+
+A file that cannot be read (damaged, no permission) is logged, listed under
+``failed`` in the manifest with its reason, and skipped; so are folders that
+cannot be listed, and FIFOs, sockets, devices and broken links, which are
+never opened (a FIFO would block its reader forever).
 
 The labels CSV has a ``path`` column (relative to SRC) and at least one of
 ``label`` (class name or index), ``report`` (free text, stored as the sample's
@@ -21,33 +32,33 @@ group's salted HMAC as ``patient`` (evaluation resamples patients by it).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
+import json
 import logging
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
-import webdataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pretrain.data.codec import encode_sample
-from pretrain.data.manifest import MANIFEST_NAME, ManifestBuilder, write_manifest
-from pretrain.data.privacy import hashed_key, load_salt, salt_from_environment
+from pretrain.data.manifest import JOURNAL_NAME, MANIFEST_NAME, ManifestBuilder, file_sha256, write_manifest
+from pretrain.data.privacy import hashed_key, load_salt, salt_fingerprint, salt_from_environment
 from pretrain.data.readers import ReadError, parse_spacing, read_image_file
 from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
+from pretrain.tools.ingest.journal import Journal, JournaledWriter, drop_unjournaled, restore
+from pretrain.tools.ingest.shard_sink import ShardSink  # re-exported: tools/demo writes its shards with it
 
 logger = logging.getLogger(__name__)
 
-_TAR_BLOCK = 512
-_TAR_RECORD = 20 * _TAR_BLOCK  # tarfile pads a closed archive to whole records
-_TAR_END = 2 * _TAR_BLOCK
-_TAR_MTIME = 0  # fixed so that identical input gives byte-identical shards
+__all__ = ["ShardSink", "list_source_files", "read_labels_csv", "sample_key", "write_shards", "write_split_shards"]
+
 _KEY_STEM_CHARS = 80  # keeps member names under tar's 100-char field (no extra PAX headers)
 _INTEGER_LABEL = re.compile(r"[+-]?\d+")
 _SHARD_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -76,11 +87,18 @@ def sample_key(rel_path: str) -> str:
     return f"{stem}-{hashlib.sha1(rel_path.encode('utf-8')).hexdigest()[:10]}"
 
 
-def list_source_files(src: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
+def list_source_files(
+    src: Path, exclude: tuple[Path, ...] = (), problems: list[tuple[str, str]] | None = None
+) -> list[str]:
     """Relative POSIX paths of the candidate image files under ``src``, sorted.
 
     Hidden files and folders, ``.json`` sidecars and anything under ``exclude``
-    (resolved paths: the output folder, the labels CSV) are left out.
+    (resolved paths: the output folder, the labels CSV) are left out. Only
+    regular files (or links to them) are returned, so nothing else is ever
+    opened: a FIFO blocks its reader forever. FIFOs, sockets, devices, broken
+    links and subfolders that cannot be listed go to ``problems`` as
+    ``(relative path, reason)`` when a list is given. Links to folders are not
+    followed (they could loop).
     """
     excluded = {p.resolve() for p in exclude}
     excluded_names = {p.name for p in excluded}  # resolve() only on a name match: walks can be millions of files
@@ -89,15 +107,51 @@ def list_source_files(src: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
         name = path.name
         return not name.startswith(".") and not (name in excluded_names and path.resolve() in excluded)
 
-    found = []
-    for root, dirs, files in os.walk(src):
-        root_path = Path(root)
-        dirs[:] = [d for d in dirs if keep(root_path / d)]
-        for name in files:
-            path = root_path / name
-            if keep(path) and not name.lower().endswith(".json"):
+    found: list[str] = []
+    noted: list[tuple[str, str]] = []
+    folders = [src]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as e:
+            if folder == src:
+                raise
+            noted.append((folder.relative_to(src).as_posix(), f"folder cannot be read ({e.strerror or e})"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if not keep(path):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                    continue
+                regular, linked_folder = entry.is_file(), entry.is_symlink() and entry.is_dir()
+            except OSError as e:
+                noted.append((path.relative_to(src).as_posix(), f"cannot be examined ({e.strerror or e})"))
+                continue
+            if linked_folder or entry.name.lower().endswith(".json"):
+                continue
+            if regular:
                 found.append(path.relative_to(src).as_posix())
+            else:
+                noted.append((path.relative_to(src).as_posix(), _not_regular(path)))
+    if problems is not None:
+        problems.extend(sorted(noted))
     return sorted(found)
+
+
+def _not_regular(path: Path) -> str:
+    """The reason a directory entry that is neither a folder nor a regular file is skipped unopened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "broken symbolic link (its target does not exist): skipped"
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return f"not a regular file ({kind}): skipped without opening it"
 
 
 def read_labels_csv(
@@ -177,94 +231,18 @@ def _normalise_csv_path(value: str, where: str) -> str:
     return path.as_posix()
 
 
-class _HashingFile:
-    """Write-only file wrapper that hashes and counts what passes through."""
-
-    def __init__(self, f: BinaryIO):
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self._f.write(data)
-
-
-class ShardSink:
-    """Writes samples into ``<prefix>-NNNNNN.tar`` files, opening the next when a limit would be passed."""
-
-    def __init__(self, out: Path, prefix: str, max_samples: int, max_bytes: int, builder: ManifestBuilder):
-        self.out, self.prefix, self.builder = out, prefix, builder
-        self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.index = 0
-        self._file: BinaryIO | None = None
-        self._hashing: _HashingFile | None = None
-        self._tar: webdataset.TarWriter | None = None
-        self._samples = 0
-        self._member_bytes = 0
-
-    @property
-    def _name(self) -> str:
-        return f"{self.prefix}-{self.index:06d}.tar"
-
-    def write(self, members: dict[str, Any]) -> None:
-        size = sum(_TAR_BLOCK + _round_up(len(v), _TAR_BLOCK) for k, v in members.items() if not k.startswith("_"))
-        if self._tar is not None and (
-            self._samples + 1 > self.max_samples
-            or _round_up(self._member_bytes + size + _TAR_END, _TAR_RECORD) > self.max_bytes
-        ):
-            self.finish()
-        if self._tar is None:
-            self._open()
-        self._tar.write(members)
-        self._samples += 1
-        self._member_bytes += size
-
-    def _open(self) -> None:
-        self._file = open(self.out / (self._name + ".tmp"), "wb")
-        self._hashing = _HashingFile(self._file)
-        self._tar = webdataset.TarWriter(self._hashing, encoder=False, mtime=_TAR_MTIME)
-        self._samples = self._member_bytes = 0
-
-    def finish(self) -> None:
-        """Complete the open shard (if any): close, sync, rename to its final name, record it."""
-        if self._tar is None:
-            return
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.out / (self._name + ".tmp"), self.out / self._name)
-        self.builder.add_shard(self._name, self._samples, self._hashing.bytes, self._hashing.sha256.hexdigest())
-        self._tar = self._file = self._hashing = None
-        self.index += 1
-
-    def abort(self) -> None:
-        """Drop the shard being written, leaving completed shards alone."""
-        if self._file is None:
-            return
-        # Close the tar stream while its file is still open, or its finaliser writes to a closed file later.
-        with contextlib.suppress(Exception):
-            self._tar.close()
-        self._file.close()
-        (self.out / (self._name + ".tmp")).unlink(missing_ok=True)
-        self._tar = self._file = self._hashing = None
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _prepare_out(out: Path, prefix: str, overwrite: bool) -> None:
+def _prepare_out(out: Path, prefix: str, overwrite: bool, resuming: bool) -> None:
+    """Make ``out``; refuse one holding another conversion's shards unless resuming this one or ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: output path exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        return  # the journal says which files to keep: drop_unjournaled
     old = sorted(out.glob("*.tar")) + [p for p in [out / MANIFEST_NAME] if p.exists()]
     if old and not overwrite:
         raise FileExistsError(
-            f"{out} already holds shards ({len(old)} file(s): .tar and/or {MANIFEST_NAME}); "
-            "pass overwrite=True (--overwrite) to replace them"
+            f"{out} already holds shards ({len(old)} file(s): .tar and/or {MANIFEST_NAME}) and no unfinished "
+            f"conversion's {JOURNAL_NAME}; pass overwrite=True (--overwrite) to replace them"
         )
     # Leftovers of an interrupted run are never complete shards: always drop them.
     for path in old + sorted(out.glob(f"{prefix}-*.tar.tmp")):
@@ -300,9 +278,12 @@ def write_shards(
 
     A shard closes when the next sample would pass ``max_samples_per_shard``
     or ``max_shard_bytes`` (a single sample larger than the byte limit gets a
-    shard of its own). Unreadable files are logged, recorded under
-    ``failed`` in the manifest, and skipped. Refuses an ``out`` that already
-    holds shards unless ``overwrite`` (which deletes its ``*.tar`` and manifest).
+    shard of its own). Unreadable files (and special files, never opened) are
+    logged, recorded under ``failed`` in the manifest, and skipped. An ``out``
+    whose journal shows an unfinished conversion with the same settings is
+    continued; other settings raise ``ValueError`` naming the one that changed.
+    Refuses an ``out`` that already holds shards and no journal unless
+    ``overwrite`` (which deletes its ``*.tar``, manifest and journal and starts over).
     ``group_by`` names a labels-CSV column (e.g. patient); with a ``salt`` (see ``load_salt``) each sample
     records the group's salted HMAC as its ``patient``.
     """
@@ -355,23 +336,49 @@ def _write(
     salt_bytes = load_salt(salt) if group_by and (salt is not None or salt_from_environment()) else None
 
     csv_path = Path(labels_csv) if labels_csv is not None else None
-    files = list_source_files(src_path, exclude=(out_path,) + ((csv_path,) if csv_path else ()))
+    problems: list[tuple[str, str]] = []
+    files = list_source_files(src_path, exclude=(out_path,) + ((csv_path,) if csv_path else ()), problems=problems)
     if not files:
         raise ValueError(f"{src}: no candidate image files found")
     classes, rows = read_labels_csv(csv_path, src_path, set(files), group_by) if csv_path else (None, {})
     if group_by and len(rows) < len(files):
         logger.warning("%d of %d files are not in %s and have no %r: each is a group of its own",
                        len(files) - len(rows), len(files), csv_path, group_by)
+    unusable = dict(problems)  # listed as failed without being opened
+    inputs = sorted(files + list(unusable))
+    settings = {  # a resume must use the same ones, or its shards would not be those of one uninterrupted run
+        "source": str(src), "source_files": _fingerprint(inputs),
+        "labels_csv_sha256": file_sha256(csv_path) if csv_path else None, "group_by": group_by,
+        "salt_fingerprint": salt_fingerprint(salt_bytes) if salt_bytes is not None else None,
+        "splits": ratios, "split_seed": split_seed if ratios else None,
+        "max_samples_per_shard": max_samples_per_shard, "max_shard_bytes": max_shard_bytes, "prefix": prefix,
+    }
     splits = [name for name in SPLIT_NAMES if ratios[name] > 0] if ratios else [None]
     folders = {name: out_path / name if name else out_path for name in splits}
-    for folder in folders.values():  # only after the input checked out: nothing is lost on bad input
-        _prepare_out(folder, prefix, overwrite)
+    journal_path = out_path / JOURNAL_NAME
+    resuming = journal_path.exists() and not overwrite
+    # Only after the input checked out: nothing is lost on bad input. A journal with other settings is
+    # refused before any file of its conversion is touched.
+    journal = Journal(journal_path, settings, overwrite=False) if resuming else None
+    for folder in folders.values():
+        _prepare_out(folder, prefix, overwrite, resuming)
+    if journal is None:
+        journal = Journal(journal_path, settings, overwrite=True)
 
     builders = {name: ManifestBuilder(source=str(src), classes=classes) for name in splits}
-    sinks = {name: ShardSink(folders[name], prefix, max_samples_per_shard, max_shard_bytes, builders[name])
-             for name in splits}
-    bar = tqdm(files, desc="shards", unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    failed = 0
+    done = restore(journal, builders)
+    writers = {}
+    for name, folder in folders.items():
+        drop_unjournaled(folder, {shard["name"] for shard in builders[name].shards}, prefix)
+        writers[name] = JournaledWriter(folder, name, journal, builders[name], max_samples_per_shard,
+                                        max_shard_bytes, prefix)
+    todo = [rel for rel in inputs if rel not in done]
+    if len(todo) < len(inputs):
+        logger.info("resuming the conversion journaled in %s: %d of %d inputs left", journal_path, len(todo),
+                    len(inputs))
+    failed = len(journal.failures())
+    bar = tqdm(todo, desc="shards", unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+               initial=len(inputs) - len(todo), total=len(inputs))
     try:
         with logging_redirect_tqdm():
             for rel in bar:
@@ -381,17 +388,19 @@ def _write(
                 extra = {"split": split} if split else {}
                 if salt_bytes is not None:
                     extra["patient"] = hashed_key(salt_bytes, "patient:" + group)
-                members = _convert(src_path, rel, row, csv_path, builders[split], extra)
-                if members is None:
+                converted = _convert(src_path, rel, row, csv_path, extra, unusable.get(rel))
+                if isinstance(converted, str):
+                    builders[split].add_failure(rel, converted)
+                    journal.append({"failed": converted, "key": rel, "split": split})
                     failed += 1
                     bar.set_postfix(failed=failed, refresh=False)
                 else:
-                    sinks[split].write(members)
-        for sink in sinks.values():
-            sink.finish()
+                    writers[split].write(rel, *converted)
+        for writer in writers.values():
+            writer.finish()
     except BaseException:
-        for sink in sinks.values():
-            sink.abort()
+        for writer in writers.values():
+            writer.sink.abort()
         raise
     finally:
         bar.close()
@@ -399,29 +408,37 @@ def _write(
     for name, builder in builders.items():
         manifests[name] = builder.to_dict()
         write_manifest(folders[name], manifests[name])
+    journal_path.unlink()  # every manifest is written: the conversion is whole and nothing is left to resume
     if failed:
         where = ", ".join(str(folders[name] / MANIFEST_NAME) for name in splits)
-        logger.warning("%d of %d files could not be converted; see 'failed' in %s", failed, len(files), where)
+        logger.warning("%d of %d files could not be converted; see 'failed' in %s", failed, len(inputs), where)
     return manifests
 
 
+def _fingerprint(inputs: list[str]) -> dict[str, Any]:
+    """The candidate files' count and a hash of their paths: a resume must see the same files."""
+    return {"count": len(inputs), "sha256": hashlib.sha256(json.dumps(inputs).encode("utf-8")).hexdigest()[:16]}
+
+
 def _convert(
-    src: Path, rel: str, row: LabelRow | None, csv_path: Path | None, builder: ManifestBuilder, extra: dict[str, Any]
-) -> dict[str, Any] | None:
-    """Tar members for one file, or None after recording why it could not be read."""
-    try:
-        image, meta = read_image_file(src / rel, source=rel)
-        if row is not None and row.spacing is not None:
-            meta["spacing"] = parse_spacing(row.spacing, meta["spatial_dims"], where=f"{csv_path}:{row.line}")
-    except (ReadError, ValueError) as e:
-        reason = e.reason if isinstance(e, ReadError) else str(e)
+    src: Path, rel: str, row: LabelRow | None, csv_path: Path | None, extra: dict[str, Any], unusable: str | None
+) -> tuple[dict[str, Any], list[int], str] | str:
+    """``(tar members, image shape, dtype)`` of one file, or the reason it cannot be converted (logged)."""
+    reason = unusable
+    if reason is None:
+        try:
+            image, meta = read_image_file(src / rel, source=rel)
+            if row is not None and row.spacing is not None:
+                meta["spacing"] = parse_spacing(row.spacing, meta["spatial_dims"], where=f"{csv_path}:{row.line}")
+        except (ReadError, ValueError) as e:
+            reason = e.reason if isinstance(e, ReadError) else str(e)
+        except OSError as e:  # no permission, I/O error, vanished: this file only, not the whole conversion
+            reason = f"cannot be read ({e.strerror or e})"
+    if reason is not None:
         logger.warning("skipping %s: %s", src / rel, reason)
-        builder.add_failure(rel, reason)
-        return None
+        return reason
     meta["label"] = row.label if row is not None else None
     meta["label_name"] = row.label_name if row is not None else None
     meta.update(extra)
-    builder.add_sample(image.shape, str(image.dtype))
-    return encode_sample(sample_key(rel), image, meta, text=row.report if row is not None else None)
-
-
+    members = encode_sample(sample_key(rel), image, meta, text=row.report if row is not None else None)
+    return members, list(image.shape), str(image.dtype)

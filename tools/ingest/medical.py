@@ -20,15 +20,18 @@ explicit ``nifti_4d`` choice recorded in each manifest's ``conversion``,
 either one sample per volume (``samples``, the default: each records its
 ``time_point``) or one sample with the volumes as channels (``channels``).
 
-Restartable: ``OUT/journal.jsonl`` records each completed shard with the
-samples it holds (appended after the shard's atomic rename). A rerun with the
+Restartable: ``OUT/journal.jsonl`` (``tools/ingest/journal.py``, shared with
+the image writer) records each completed shard with the samples it holds
+(appended after the shard's atomic rename). A rerun with the
 same settings drops any shard the journal does not list and converts only the
 samples no journaled shard holds, so a killed run resumes with no duplicate
 and no partial shard. Bad inputs are logged with their folder or path (the
 console is the only place that names them) and skipped; in the output folder
 (manifests' ``failed``, ``OUT/skipped.json``, the journal) they appear by their
 salted key with the reason, paths redacted, since folder and file names
-identify patients as often as DICOM tags do.
+identify patients as often as DICOM tags do. FIFOs, sockets, devices, broken
+links and folders that cannot be listed are never opened: they go to
+``OUT/skipped.json`` with their reason.
 """
 from __future__ import annotations
 
@@ -55,11 +58,11 @@ from pretrain.data.privacy import hashed_key, load_salt, safe_metadata, salt_fin
 from pretrain.data.readers import SUPPORTED_SUFFIXES, ReadError, read_image_file
 from pretrain.data.splits import SPLIT_NAMES, assign_split, parse_split_ratios
 from pretrain.tools.ingest.medical_inputs import PRESETS, ReportsTable, apply_preset, read_reports, resample
-from pretrain.tools.ingest.images import ShardSink, check_conversion_args, list_source_files
+from pretrain.tools.ingest.images import check_conversion_args, list_source_files
+from pretrain.tools.ingest.journal import JOURNAL_NAME, Journal, JournaledWriter, drop_unjournaled, restore
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_NAME = "journal.jsonl"
 SKIPPED_NAME = "skipped.json"
 NIFTI_4D = ("samples", "channels")  # a 4-D NIfTI file: one sample per volume, or its volumes as channels
 _PREFIX = "shard"
@@ -171,82 +174,6 @@ def convert_item(item: WorkItem, target_spacing: Sequence[float] | None, preset:
     return {"failed": reason.replace(item.root.rstrip("/") + "/", "")}
 
 
-class _Journal:
-    """Append-only record of completed shards and failed items; the source of truth for resuming."""
-
-    def __init__(self, path: Path, settings: dict[str, Any], overwrite: bool):
-        self.path = path
-        self.entries: list[dict[str, Any]] = []
-        if path.exists() and not overwrite:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            for line in lines:
-                try:
-                    self.entries.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill is the last one; what follows it never happened
-            if not self.entries or self.entries[0].get("settings") != settings:
-                raise ValueError(
-                    f"{path}: this output was started with other settings "
-                    f"({self.entries[0].get('settings') if self.entries else 'unreadable'}, now {settings}); "
-                    "rerun with the same ones, or pass overwrite=True (--overwrite) to start over"
-                )
-            path.write_text("".join(json.dumps(e) + "\n" for e in self.entries), encoding="utf-8")
-        else:
-            self.entries = [{"settings": settings}]
-            path.write_text(json.dumps(self.entries[0]) + "\n", encoding="utf-8")
-
-    def append(self, entry: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.entries.append(entry)
-
-    def shards(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries if "shard" in e]
-
-    def failures(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries if "failed" in e]
-
-
-class _SplitWriter:
-    """One split's shard sink plus the samples of the shard being filled, journaled when it completes."""
-
-    def __init__(self, out: Path, journal: _Journal, builder: ManifestBuilder, max_samples: int, max_bytes: int):
-        self.split = out.name
-        self.journal, self.builder = journal, builder
-        self.sink = ShardSink(out, _PREFIX, max_samples, max_bytes, builder)
-        self.sink.index = len(builder.shards)
-        self.pending: list[tuple[str, list[int], str]] = []
-
-    def write(self, key: str, result: dict[str, Any]) -> None:
-        before = self.sink.index
-        self.sink.write(result["ok"])
-        if self.sink.index != before:
-            self._record()
-        self.pending.append((key, result["shape"], result["dtype"]))
-
-    def finish(self) -> None:
-        before = self.sink.index
-        self.sink.finish()
-        if self.sink.index != before:
-            self._record()
-
-    def _record(self) -> None:
-        shard = self.builder.shards[-1]
-        for _, shape, dtype in self.pending:
-            self.builder.add_sample(shape, dtype)
-        self.journal.append({"shard": shard, "split": self.split, "samples": [list(p) for p in self.pending]})
-        self.pending = []
-
-
-def _prepare_split_dir(split_dir: Path, keep: set[str]) -> None:
-    split_dir.mkdir(parents=True, exist_ok=True)
-    for path in list(split_dir.glob(f"{_PREFIX}-*.tar")) + list(split_dir.glob("*.tmp")):
-        if path.name not in keep:  # written but never journaled (killed between rename and journal)
-            path.unlink()
-
-
 def _results(
     items: list[WorkItem], pool: ProcessPoolExecutor | None, args: tuple
 ) -> Iterator[tuple[WorkItem, dict[str, Any]]]:
@@ -301,7 +228,8 @@ def write_medical_shards(
     ratios = parse_split_ratios(split_ratios)
     table = read_reports(reports) if reports is not None else None
     reports_path = (Path(reports),) if reports is not None else ()
-    files = list_source_files(src_path, exclude=(out_path,) + reports_path)
+    problems: list[tuple[str, str]] = []  # FIFOs, devices, unreadable folders: listed, never opened
+    files = list_source_files(src_path, exclude=(out_path,) + reports_path, problems=problems)
     if not files:
         raise ValueError(f"{src}: no candidate files found")
     settings = {
@@ -319,7 +247,7 @@ def write_medical_shards(
     if overwrite:
         for name in SPLIT_NAMES:
             shutil.rmtree(out_path / name, ignore_errors=True)
-    journal = _Journal(out_path / JOURNAL_NAME, settings, overwrite)
+    journal = Journal(out_path / JOURNAL_NAME, settings, overwrite)
 
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
@@ -327,6 +255,8 @@ def write_medical_shards(
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     try:
         items, skipped = plan_items(src_path, files, salt_bytes, ratios, table, pool, nifti_4d)
+        skipped += [{"path": rel, "key": hashed_key(salt_bytes, "path:" + rel), "reason": reason}
+                    for rel, reason in problems]
         return _write_items(src_path, out_path, items, skipped, journal, table, ratios, pool,
                             (settings["target_spacing"], preset), max_samples_per_shard, max_shard_bytes, progress)
     finally:
@@ -334,7 +264,7 @@ def write_medical_shards(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict[str, str]], journal: _Journal,
+def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict[str, str]], journal: Journal,
                  table: ReportsTable | None, ratios: dict[str, float], pool: Any, args: tuple,
                  max_samples: int, max_bytes: int, progress: bool) -> dict[str, dict[str, Any]]:
     classes = table.classes if table else None
@@ -343,20 +273,11 @@ def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict
     conversion = {key: journal.entries[0]["settings"].get(key) for key in ("orientation", "nifti_4d")}
     builders = {s: ManifestBuilder(source=source, classes=classes, conversion=conversion)
                 for s in SPLIT_NAMES if ratios[s] > 0}
-    done: set[str] = set()
-    for entry in journal.shards():
-        shard = entry["shard"]
-        builders[entry["split"]].add_shard(shard["name"], shard["samples"], shard["bytes"], shard["sha256"])
-        for key, shape, dtype in entry["samples"]:
-            builders[entry["split"]].add_sample(shape, dtype)
-            done.add(key)
-    for entry in journal.failures():
-        builders[entry["split"]].add_failure(entry["key"], entry["failed"])
-        done.add(entry["key"])
+    done = restore(journal, builders)
     writers = {}
     for split, builder in builders.items():
-        _prepare_split_dir(out / split, {shard["name"] for shard in builder.shards})
-        writers[split] = _SplitWriter(out / split, journal, builder, max_samples, max_bytes)
+        drop_unjournaled(out / split, {shard["name"] for shard in builder.shards}, _PREFIX)
+        writers[split] = JournaledWriter(out / split, split, journal, builder, max_samples, max_bytes, _PREFIX)
     for entry in skipped:
         logger.warning("skipping %s: %s", src / entry["path"], entry["reason"])
 
@@ -372,7 +293,7 @@ def _write_items(src: Path, out: Path, items: list[WorkItem], skipped: list[dict
                     builders[item.split].add_failure(item.key, reason)
                     journal.append({"failed": reason, "key": item.key, "split": item.split})
                 else:
-                    writers[item.split].write(item.key, result)
+                    writers[item.split].write(item.key, result["ok"], result["shape"], result["dtype"])
                 bar.update(1)
         for writer in writers.values():
             writer.finish()

@@ -6,6 +6,7 @@ that the same trainer code runs under every launcher.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -78,6 +79,10 @@ def teardown_distributed(barrier: bool = True) -> None:
         # DeepSpeed's own teardown also drops its cached world group, so a second
         # run in the same process (tests, notebooks, in-process sweeps) starts clean.
         deepspeed.comm.destroy_process_group()
+        # Engines of this run left in reference cycles hold the gloo group: free it here, in this process.
+        # Collected later in a forked DataLoader worker of the next run, its destructor joins threads the
+        # child does not have: a segfault (seen in tests running several trainers in one process).
+        gc.collect()
     # A single-process world's variables were ours: a later run here, or a process started from here
     # (which would inherit a port this one may still hold), picks its own.
     for key in _SET_BY_US:

@@ -7,6 +7,7 @@ eval bundle, FLOPs); never a single method.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import random
@@ -328,6 +329,7 @@ class Trainer:
             self.evaluate_baselines(monitor)
 
         loader = make_loader(self.stream, cfg.data.num_workers)
+        gc.collect()  # before forking the workers: see teardown_distributed (an earlier run's engine, collected there)
         batches = iter(loader)
         timer = StepTimer()
         last_parts: dict[str, float] = {}

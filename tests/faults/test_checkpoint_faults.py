@@ -20,7 +20,7 @@ import pytest
 from pretrain.engine import checkpoint as ckpt
 from pretrain.storage.checkpoints import CheckpointError, NoSpaceError, resolve_checkpoint
 from pretrain.tools.cli.main import EXIT_CHECKPOINT, EXIT_USAGE, main
-from tests.engine.conftest import PRETRAIN, run_ranks, train_args
+from tests.engine.conftest import PRETRAIN, run_ranks, train_args, tiny_yaml, demo_shards  # noqa: F401 (fixtures)
 from tests.engine.test_checkpoint import CrashingEngine, _save, _step_folders
 
 MODEL = "mp_rank_00_model_states.pt"
@@ -183,3 +183,59 @@ def test_a_disk_that_fills_during_a_save_says_so_and_keeps_the_older_checkpoints
     assert ckpt.latest_tag(ckpt_dir) == "step_00000002"
     assert {p.name: p.read_bytes() for p in (ckpt_dir / "step_00000002").iterdir()} == before
     assert ckpt.resume_tag(ckpt_dir) == "step_00000002"
+
+
+# --- end to end, real DeepSpeed checkpoints ---------------------------------------------------
+
+@pytest.mark.slow
+def test_a_truncated_real_checkpoint_is_refused_by_export_and_skipped_by_resume(tiny_yaml: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    overrides = ["train.ckpt_every=2", "train.keep_checkpoints=3"]
+    run_ranks(train_args(tiny_yaml, run, "train.steps=4", *overrides), 1, tmp_path).assert_clean()
+    damaged = run / "checkpoints" / "step_00000004" / MODEL
+    _truncate(damaged)  # today: a raw PytorchStreamReader error, and step 2 never used
+
+    assert main(["export", str(run), str(tmp_path / "export")]) == EXIT_CHECKPOINT
+    assert f"{damaged} has" in capsys.readouterr().err
+
+    results = run_ranks(train_args(tiny_yaml, run, "train.steps=6", *overrides), 1, tmp_path)
+    results.assert_clean()
+    out = results.outputs[0]
+    assert f"checkpoint {damaged.parent} is damaged ({damaged} has" in out and "resuming at step 2" in out, out[-3000:]
+    assert _step_folders(run / "checkpoints") == ["step_00000002", "step_00000004", "step_00000004.damaged",
+                                                  "step_00000006"]
+    assert ckpt.resume_tag(run / "checkpoints") == "step_00000006"
+
+
+@pytest.mark.slow
+def test_a_zero2_checkpoint_missing_one_ranks_optimizer_file_is_refused_on_every_rank(tiny_yaml: Path, tmp_path: Path,
+                                                                                       capsys):
+    run = tmp_path / "run"
+    args = ["train.steps=2", "train.ckpt_every=2", "train.zero_stage=2"]
+    run_ranks(train_args(tiny_yaml, run, *args), 2, tmp_path).assert_clean()
+    lost = run / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    lost.unlink()  # today: exported with exit 0
+
+    assert main(["export", str(run), str(tmp_path / "export")]) == EXIT_CHECKPOINT
+    assert f"{lost} is missing" in capsys.readouterr().err
+    # Both ranks find it (each checks its share, the verdict is shared) and stop alike; none hangs.
+    results = run_ranks(train_args(tiny_yaml, run, "train.steps=4", *args[1:]), 2, tmp_path)
+    assert results.returncodes == [EXIT_CHECKPOINT] * 2, results.describe()
+    for out in results.outputs:
+        assert "pretrain: checkpoint error: no intact checkpoint" in out and f"{lost} is missing" in out, out[-3000:]
+        assert "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_train_then_export_refuses_a_diverged_run(tiny_yaml: Path, tmp_path: Path):
+    """lr 1e38 (the config refuses inf): weights finite but too large to compute with; NaN weights: test_export."""
+    run = tmp_path / "run"
+    proc = subprocess.run([*PRETRAIN, "train", str(tiny_yaml), f"train.run_dir={run}", "train.steps=3", "optim.lr=1e38",
+                           "optim.grad_clip=0",
+                           "train.export_on_end=true"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pretrain: error: trained 3 steps in {run}, but not exported: "), last
+    assert "gives NaN or inf features" in last and "largest weight is" in last, last
+    assert not (run / "export").exists() and (run / "checkpoints" / "step_00000003").is_dir()

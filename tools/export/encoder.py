@@ -146,6 +146,11 @@ def verify(folder: Path, item: TrainedEncoder) -> float | None:
     worst = None
     with torch.no_grad():
         want = item.encoder.eval()(x)
+        if not torch.isfinite(want).all():  # finite weights too large to compute with: a diverged run too
+            largest = max(v.abs().max().item() for v in item.encoder.state_dict().values() if v.is_floating_point())
+            raise ExportError(f"{item.checkpoint} ({item.name}): the encoder gives NaN or inf features on random input "
+                              f"(its largest weight is {largest:.3g}); the run diverged before this checkpoint: export "
+                              "an earlier checkpoint folder or retrain (e.g. a lower optim.lr)")
         checks = {"medpretrain's reload": load_exported_encoder(folder).eval()(x)}
         if meta["target"] == open_clip_target.NAME:  # both towers and the scale; raises on a mismatch
             worst = open_clip_target.verify(folder, item, TOLERANCE)

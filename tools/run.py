@@ -15,9 +15,12 @@ def train_and_export(cfg, stop: StopRequest | None = None, export: bool = True) 
     summary = train(cfg, stop)
     finished = summary.get("interrupted") is None
     if finished and export and cfg.train.export_on_end and int(os.environ.get("RANK", "0")) == 0:
-        from pretrain.tools.export.encoder import export_encoder
+        from pretrain.tools.export.encoder import ExportError, export_encoder
 
         run_dir = Path(cfg.train.run_dir)
-        summary["export"] = str(export_encoder(run_dir, run_dir / "export").resolve())
+        try:
+            summary["export"] = str(export_encoder(run_dir, run_dir / "export").resolve())
+        except ExportError as err:  # the training itself is done and kept: say so beside why nothing was exported
+            raise ExportError(f"trained {summary['steps']} steps in {run_dir}, but not exported: {err}") from err
         write_summary(run_dir, summary)
     return summary

@@ -186,7 +186,7 @@ class Trainer:
         self.step = 0
         self._plain_grad_norm: float | None = None
         self.history: dict[str, Any] = {"wall_seconds": 0.0}
-        tag = ckpt.latest_tag(self.ckpt_dir)
+        tag = ckpt.resume_tag(self.ckpt_dir)  # verified; the newest intact one on every rank
         if tag is not None:
             client, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
             self.objective.load_rank_state(rank_state.get("objective", {}))

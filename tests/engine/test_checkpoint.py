@@ -6,6 +6,7 @@ real `pretrain train` runs.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from pretrain.config import RunConfig, load_config
 from pretrain.engine import checkpoint as ckpt
-from pretrain.storage.checkpoints import CheckpointError
+from pretrain.storage.checkpoints import CheckpointError, read_marker
 from tests.engine.conftest import RankGroup, read_losses, run_ranks, train_args
 
 
@@ -50,9 +51,14 @@ def test_save_marks_complete_moves_latest_and_prunes(tmp_path: Path):
         final = _save(ckpt_dir, step, keep=2)
         assert final == ckpt_dir / ckpt.tag_for(step)
         assert ckpt.latest_tag(ckpt_dir) == ckpt.tag_for(step)
-        assert (final / ckpt.COMPLETE).read_text() == f"{step}\n"
+        marked_step, digests = read_marker(final)
+        assert marked_step == step
         assert (final / "config.yaml").read_text() == f"steps: {step}\n"
         assert (final / "rank00000_state.pt").is_file()
+        # every file of every rank, with its size and sha256
+        assert sorted(digests) == sorted(p.name for p in final.iterdir() if p.name != ckpt.COMPLETE)
+        for name, (size, sha) in digests.items():
+            assert (size, sha) == (len((final / name).read_bytes()), hashlib.sha256((final / name).read_bytes()).hexdigest())
     assert _step_folders(ckpt_dir) == ["step_00000004", "step_00000006"]
 
 
@@ -149,7 +155,8 @@ def test_latest_is_always_complete_old_ones_pruned_and_config_stored(tiny_yaml: 
     expected = _expected_config(tiny_yaml, run_dir, overrides)
     assert load_config(run_dir / "config.yaml") == expected
     for tag in _step_folders(ckpt_dir):
-        assert (ckpt_dir / tag / ckpt.COMPLETE).read_text() == f"{int(tag.removeprefix('step_'))}\n"
+        step, digests = read_marker(ckpt_dir / tag)
+        assert step == int(tag.removeprefix("step_")) and "mp_rank_00_model_states.pt" in digests
         assert load_config(ckpt_dir / tag / "config.yaml") == expected, tag
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -478,3 +479,20 @@ def test_trained_clip_run_exports_to_open_clip(tmp_path, shards):
     with torch.no_grad():
         torch.testing.assert_close(theirs["image"], clip.embed_images(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(theirs["text"], clip.embed_texts(TEXTS), atol=1e-5, rtol=0)
+
+
+def test_non_finite_weights_are_never_exported(tmp_path, capsys):
+    run = fake_run(tmp_path, "configs/demo.yaml", MAE_2D)
+    model = run / "checkpoints" / "step_00000007" / "mp_rank_00_model_states.pt"
+    state = torch.load(model, weights_only=False)
+    encoder_keys = [k for k in state["module"] if k.startswith("backbone.") and state["module"][k].is_floating_point()]
+    for key in encoder_keys[:7]:
+        state["module"][key] = torch.full_like(state["module"][key], float("nan"))
+    state["module"][encoder_keys[-1]][0] = float("inf")
+    torch.save(state, model)
+    assert main(["export", str(run), str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    named = re.search(r"8 of \d+ tensors hold NaN or inf \(([^)]*)\)", err)
+    assert err.count("\n") == 0 and named, err
+    assert named.group(1).split(", ") == [*(k.removeprefix("backbone.") for k in encoder_keys[:5]), "..."], err
+    assert not (tmp_path / "export").exists()

@@ -34,7 +34,7 @@ from pretrain.storage.checkpoints import resolve_checkpoint
 
 from . import card, monai_target, open_clip_target, timm_target
 from .layout import CARD, CONFIG, WEIGHTS, export_meta, is_export
-from .source import ExportError, TrainedEncoder, open_trained_encoder, trained_objective
+from .source import ExportError, TrainedEncoder, open_trained_encoder, refuse_non_finite, trained_objective
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def export_encoder(source: str | Path, out: str | Path, *, encoder: str | None =
     if target not in ALL_TARGETS:
         raise ExportError(f"--target {target!r}: one of {', '.join(ALL_TARGETS)}")
     whole_model = target == open_clip_target.NAME
+    weights = item.objective.state_dict() if whole_model else item.encoder.state_dict()
+    refuse_non_finite(weights, f"{item.checkpoint} ({'the whole model' if whole_model else item.name})")
     reason = open_clip_target.refusal(item) if whole_model else TARGETS[target].refusal(item.cfg.model)
     if reason:
         raise ExportError(f"cannot export to {target}: {reason}")
@@ -144,6 +146,11 @@ def verify(folder: Path, item: TrainedEncoder) -> float | None:
     worst = None
     with torch.no_grad():
         want = item.encoder.eval()(x)
+        if not torch.isfinite(want).all():  # finite weights too large to compute with: a diverged run too
+            largest = max(v.abs().max().item() for v in item.encoder.state_dict().values() if v.is_floating_point())
+            raise ExportError(f"{item.checkpoint} ({item.name}): the encoder gives NaN or inf features on random input "
+                              f"(its largest weight is {largest:.3g}); the run diverged before this checkpoint: export "
+                              "an earlier checkpoint folder or retrain (e.g. a lower optim.lr)")
         checks = {"medpretrain's reload": load_exported_encoder(folder).eval()(x)}
         if meta["target"] == open_clip_target.NAME:  # both towers and the scale; raises on a mismatch
             worst = open_clip_target.verify(folder, item, TOLERANCE)

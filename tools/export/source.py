@@ -18,7 +18,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.data.manifest import MANIFEST_NAME
 from pretrain.objectives import build_objective
-from pretrain.storage.checkpoints import COMPLETE, fp32_state_dict, resolve_checkpoint
+from pretrain.storage.checkpoints import fp32_state_dict, read_marker, resolve_checkpoint
 
 
 class ExportError(ValueError):
@@ -67,9 +67,18 @@ def open_trained_encoder(source: str | Path, encoder: str | None = None) -> Trai
     if name not in bundle.encoders:
         raise ExportError(f"--encoder {name!r}: the {cfg.objective.name} run {ckpt} has encoders "
                          f"{', '.join(bundle.encoders)}")
-    step = int((ckpt / COMPLETE).read_text().strip() or 0)
+    step = read_marker(ckpt)[0]
     return TrainedEncoder(name, bundle.encoders[name].eval(), bundle.pool, cfg, step, ckpt,
                           _run_summary(ckpt), _manifests(cfg), objective.eval())
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """ExportError naming the tensors of ``what`` holding NaN or inf (a diverged run): never publish those."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ExportError(f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or inf ({shown}); the run diverged "
+                          "before this checkpoint: export an earlier checkpoint folder or retrain (e.g. a lower optim.lr)")
 
 
 def _run_summary(ckpt: Path) -> dict[str, Any] | None:

@@ -57,7 +57,7 @@ setup(
         "monai": ["monai>=1.4,<2"],
         # open_clip: `pretrain export --target open_clip` checks a CLIP export by loading it there
         "open_clip": ["open_clip_torch>=3.0,<4"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scikit-learn>=1.3,<2", "monai>=1.4,<2", "open_clip_torch>=3.0,<4"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100,<7", "scikit-learn>=1.3,<2", "monai>=1.4,<2", "open_clip_torch>=3.0,<4"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.tools.cli.main:main"]},
 )

@@ -55,7 +55,7 @@ def objectives() -> dict[str, ObjectiveEntry]:
 
 def objective_entry(name: Any, key: str = "objective.name") -> ObjectiveEntry:
     known = objectives()
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         hint = closest(str(name), list(known))
         extra = f"; did you mean '{hint}'?" if hint else ""
         raise ConfigError(f"config key '{key}': unknown objective {name!r}{extra} (known: {', '.join(sorted(known))})")

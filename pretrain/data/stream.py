@@ -150,8 +150,8 @@ class ShardStream(IterableDataset):
         for name, saved, now in checks:
             if saved != now:
                 raise ValueError(f"cannot resume the data stream exactly: it was saved with {name}={saved}, "
-                                 f"this run has {name}={now}; use the saved value or restart the stream "
-                                 f"from start_batch=0")
+                                 f"this run has {name}={now}; use the saved value, or start a new run "
+                                 "(a fresh train.run_dir; the stream from start_batch=0)")
         batches = int(position["batches"])
         if batches < 0:
             raise ValueError(f"data position has a negative batch count {batches}")

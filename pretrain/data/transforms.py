@@ -26,6 +26,10 @@ def to_tensor(image: np.ndarray, intensity: str = "zscore") -> torch.Tensor:
     16-bit containers, CT offsets and MRI's arbitrary scale). ``range``: integers
     divided by their dtype maximum, floats min-max scaled to [0, 1].
     """
+    if image.dtype.kind == "f" and image.dtype.itemsize > 4 and image.size:
+        peak = float(np.abs(image).max())
+        if peak > np.finfo(np.float32).max:  # would be inf as float32; the normalisations ignore the scale
+            image = image / peak
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     if intensity == "zscore":
         dims = tuple(range(1, x.ndim))

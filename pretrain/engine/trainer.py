@@ -104,6 +104,22 @@ def check_shard_sets(cfg: RunConfig) -> None:
                         "(data.allow_incomplete_shards)", key, folder, reason)
 
 
+def check_batch_memory(cfg: RunConfig, available: int | None = None) -> None:
+    """Refuse a batch size whose batches in flight (each loader worker prefetches 2) cannot fit in memory, even
+    counted as one float32 view per sample at the model's size: such a run grows until it is killed."""
+    import psutil
+
+    d, m = cfg.data, cfg.model
+    per_sample = 4 * m.in_chans * int(np.prod(m.img_size_tuple()))
+    in_flight = (2 * max(d.num_workers, 1) + 1) * d.batch_size * per_sample
+    available = psutil.virtual_memory().available if available is None else available
+    if in_flight > available / 2:
+        raise ConfigError(f"config key 'data.batch_size': {d.batch_size} samples per batch need at least "
+                          f"{in_flight / 2**30:.1f} GiB for the batches in flight ({d.num_workers} loader workers "
+                          f"prefetching 2 each), more than half of the {available / 2**30:.1f} GiB available; "
+                          "lower data.batch_size (and raise train.grad_accum for the same global batch)")
+
+
 def upsampling_warnings(cfg: RunConfig, view_size: tuple[int, ...] | None) -> list[str]:
     """A warning for each training shard set whose largest image (from its manifest) is smaller than the view
     the objective makes from a whole image: every image would be upsampled, adding compute and no detail."""
@@ -153,6 +169,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         check_shard_sets(cfg)
+        check_batch_memory(cfg)
         self.thread_plan = plan_threads(cfg.train.threads, cfg.data.num_workers)
         torch.set_num_threads(self.thread_plan.threads)
         if cfg.train.deterministic:
@@ -220,10 +237,10 @@ class Trainer:
                 position, num_workers=d.num_workers, world_size=self.dist.world_size,
                 seed=self.cfg.train.seed, batch_size=d.batch_size,
             )
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        except ValueError as e:  # a setting the checkpoint disagrees with: the user's to change back
+            raise ConfigError(f"{where}: {e}") from None
         if start != self._batches_consumed():
-            raise ValueError(f"{where}: data position {start} batches does not match step {self.step} "
+            raise ConfigError(f"{where}: data position {start} batches does not match step {self.step} "
                              f"x grad_accum {self.cfg.train.grad_accum} (+ {self.history.get('batches_skipped', 0)} "
                              "passed by rollbacks); was train.grad_accum changed?")
 
@@ -401,7 +418,7 @@ class Trainer:
     def _roll_back(self, reason: str, monitor: Monitor, metrics_file):
         """Reload the last checkpoint after ``reason`` (non-finite steps or weights) and go on past the batches
         that led there; raises TrainingDiverged when that is not allowed. Returns the reopened metrics file."""
-        tag = ckpt.latest_tag(self.ckpt_dir)
+        tag = ckpt.resume_tag(self.ckpt_dir)  # the newest intact one, the same on every rank
         self.guard.rollback_allowed(reason, self.history, None if tag is None else int(tag.split("_")[-1]))
         consumed, at_step = self._batches_consumed(), self.step
         rollbacks = list(self.history.get("rollbacks", []))

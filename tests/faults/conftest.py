@@ -55,6 +55,7 @@ BAD_SAMPLES: dict[str, tuple[Callable[[], dict], str]] = {
 # Odd but trainable: each must reach a batch, finite.
 ODD_SAMPLES: dict[str, Callable[[], dict]] = {
     "seven_channels": lambda: {"npy": npy(np.ones((7, SIZE, SIZE), np.uint16))},  # averaged to the model's one
+    "float64_beyond_float32": lambda: {"npy": npy(np.linspace(-1e300, 1e300, SIZE * SIZE).reshape(1, SIZE, SIZE))},
     "one_pixel": lambda: {"npy": npy(np.ones((1, 1, 1), np.uint16))},
     "constant": lambda: {"npy": npy(np.zeros((1, SIZE, SIZE), np.uint16))},
     "bool_image": lambda: {"npy": npy(np.eye(SIZE, dtype=bool)[None])},

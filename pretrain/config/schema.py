@@ -50,6 +50,11 @@ class DataConfig:
             raise ConfigError("config key 'data.train': the mixture weights sum to 0; give one source a weight > 0")
 
 
+# Far above any useful lr or weight decay; near float32's 3.4e38, torch's optimizer arithmetic (lr / bias
+# correction) overflows with a RuntimeError instead of training.
+MAX_OPTIM_VALUE = 1e30
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1.5e-4  # peak AdamW learning rate after warm-up (times each param group's lr_scale)
@@ -65,6 +70,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip"):
             check_range(f"optim.{name}", getattr(self, name), 0)
+        for name in ("lr", "min_lr", "weight_decay"):
+            check_range(f"optim.{name}", getattr(self, name), high=MAX_OPTIM_VALUE)
         if self.weight_decay_end is not None:
             check_range("optim.weight_decay_end", self.weight_decay_end, 0)
         check_range("optim.eps", self.eps, 0, low_open=True)

@@ -370,4 +370,15 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False,
     # which a resumed run restores before the loader exists: drop path would then draw one number off from then on.
     generator = torch.Generator().manual_seed(derive_seed("loader", stream.seed, stream.rank))
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=generator,
-                      prefetch_factor=prefetch_factor if num_workers > 0 else None, in_order=True)
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None, in_order=True,
+                      worker_init_fn=leave_stop_signals_to_the_trainer if num_workers > 0 else None)
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM: Ctrl-C in a terminal and a scheduler's SIGTERM reach the
+    whole process group, and a worker they killed would end the run with a crash instead of the trainer's
+    checkpoint at the next step; the trainer shuts its workers down (and they exit with it if it dies)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -2,6 +2,7 @@
 that says how to resume, and the rerun continues from there."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -14,14 +15,17 @@ from tests.engine.conftest import PRETRAIN, read_losses, train_args
 
 
 def _interrupt_after_steps(args: list[str], run_dir: Path, sig: signal.Signals, steps: int) -> tuple[int, str]:
-    proc = subprocess.Popen(PRETRAIN + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own session: the signal goes to the whole process group, loader workers included, as a terminal's
+    # Ctrl-C and a scheduler's SIGTERM do (a worker it killed used to crash the run: exit 1, no checkpoint)
+    proc = subprocess.Popen(PRETRAIN + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         metrics = run_dir / "metrics.jsonl"
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
-        proc.send_signal(sig)
+        os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -33,7 +37,7 @@ def _interrupt_after_steps(args: list[str], run_dir: Path, sig: signal.Signals, 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_checkpoints_the_step_and_the_rerun_resumes(tiny_yaml: Path, tmp_path: Path, sig):
     run_dir = tmp_path / "run"
-    args = train_args(tiny_yaml, run_dir, "train.steps=400", "train.ckpt_every=1000")
+    args = train_args(tiny_yaml, run_dir, "train.steps=400", "train.ckpt_every=1000", "data.num_workers=1")
     code, err = _interrupt_after_steps(args, run_dir, sig, steps=3)
     assert code == 128 + sig, err[-3000:]
     tag = ckpt.latest_tag(run_dir / "checkpoints")
@@ -42,7 +46,8 @@ def test_a_signal_checkpoints_the_step_and_the_rerun_resumes(tiny_yaml: Path, tm
     assert 3 <= step < 400 and f"stopped by {sig.name} after step {step}" in err and "to resume" in err
     assert "Traceback" not in err and not (run_dir / "summary.json").exists()
 
-    done = subprocess.run(PRETRAIN + train_args(tiny_yaml, run_dir, f"train.steps={step + 2}", "train.ckpt_every=1000"),
+    done = subprocess.run(PRETRAIN + train_args(tiny_yaml, run_dir, f"train.steps={step + 2}", "train.ckpt_every=1000",
+                                                "data.num_workers=1"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming at step {step}" in done.stderr

@@ -1,4 +1,4 @@
-"""``pretrain bench {data,step,kernels,shards,lvm-solver}``: benchmarks that write JSON results."""
+"""``pretrain bench {data,step,kernels,shards,lvm-solver,faults}``: benchmarks that write JSON results."""
 from __future__ import annotations
 
 import argparse
@@ -127,6 +127,28 @@ def _bench_lvm_solver(args: argparse.Namespace) -> int:
     return _record(args, "lvm-solver", result, load_before, print_lvm_solver_summary)
 
 
+@_reported
+def _bench_faults(args: argparse.Namespace) -> int:
+    from pretrain.tools.bench.faults import SCENARIOS, faults_markdown, run_faults_bench
+
+    unknown = sorted(set(args.only or []) - set(SCENARIOS))
+    if unknown:
+        raise BenchInputError(f"--only: no scenario {unknown}; known: {', '.join(SCENARIOS)}")
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="medpretrain-bench-faults-") as tmp:
+        result = run_faults_bench(Path(tmp), only=args.only, seed=args.seed, kill_trials=args.kill_trials)
+
+    def summary(full: dict[str, Any]) -> None:
+        markdown = Path(args.out or default_out("faults")).with_suffix(".md")
+        markdown.write_text(faults_markdown(full))
+        s = full["summary"]
+        print(f"{s['trials']} trials: {s['clean message']} clean messages, {s['recovered']} recovered, "
+              f"{s['failures']} failures; table: {markdown}")
+
+    code = _record(args, "faults", result, load_before, summary)
+    return code if result["summary"]["failures"] == 0 else 1
+
+
 def _float_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -138,8 +160,9 @@ def _float_list(text: str) -> list[float]:
 
 
 def add_bench_parser(subparsers: Any) -> Any:
-    """Register ``pretrain bench {data,step,kernels,shards,lvm-solver}`` on an argparse subparsers object; returns the group."""
-    parser = subparsers.add_parser("bench", help="benchmark the data loaders, the trainer's step overhead, kernels, shard conversion, LVM-Med's solver",
+    """Register ``pretrain bench {data,step,kernels,shards,lvm-solver,faults}`` on an argparse subparsers object; returns the group."""
+    parser = subparsers.add_parser("bench", help="benchmark the data loaders, the trainer's step overhead, kernels, shard conversion, LVM-Med's solver; "
+                                   "inject faults",
                                    description=common.__doc__, formatter_class=HelpFormatter)
     actions = parser.add_subparsers(dest="bench_command", required=True)
 
@@ -160,6 +183,16 @@ def add_bench_parser(subparsers: Any) -> Any:
     data.add_argument("--quiet", action="store_true", help="no progress bar while generating demo shards")
     data.add_argument("--out", help="JSON result path (default: benchmarks/bench-data-<device>.json)")
     data.set_defaults(func=_bench_data)
+
+    faults = actions.add_parser("faults", help="inject every fault class into real commands; JSON + markdown report")
+    faults.add_argument("--only", type=lambda t: [v for v in t.split(",") if v], metavar="A,B",
+                        help="only these scenarios (default: all)")
+    faults.add_argument("--seed", type=int, default=0, help="seed of the random kill steps (default: 0)")
+    faults.add_argument("--kill-trials", type=positive_number(int), default=3,
+                        help="SIGKILLs at random steps (default: 3)")
+    faults.add_argument("--out", help="JSON result path (default: benchmarks/bench-faults-<device>.json; the table "
+                                      "beside it as .md)")
+    faults.set_defaults(func=_bench_faults)
 
     step = actions.add_parser("step", help="trainer step time against a bare PyTorch loop on the same batch")
     step.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.preset=nano")

@@ -6,6 +6,7 @@ exit code and output) on data it makes, injects one fault, and sorts the result 
 - ``clean message``: the expected non-zero exit code and one message saying what is wrong, no traceback;
 - ``recovered``: exit 0 and the check of what was recovered holds (e.g. the resumed run's losses equal an
   uninterrupted run's, bit for bit);
+- ``not run``: the machine cannot inject it (mounting a tmpfs needs root);
 - the failures: ``hang`` (killed at its time limit), ``traceback``, ``silent exit 0`` (a fault that should
   have stopped the command did not), ``wrong exit code``, ``unclear message``, ``lost work`` (a check of
   what must survive failed).
@@ -368,6 +369,30 @@ def _disk_full(ws: Workspace, rng: random.Random) -> list[dict[str, Any]]:
     return [judge(proc, 5, r"environment error:.*(space|size)", [f"incomplete {h} left" for h in half])]
 
 
+@scenario("small_or_read_only_disk", "environment", "a run directory on a tmpfs too small for a checkpoint, and on "
+                                                       "a read-only one (needs root to mount)")
+def _small_or_read_only_disk(ws: Workspace, rng: random.Random) -> list[dict[str, Any]]:
+    rows = []
+    for case, options, code, pattern in (
+            ("tmpfs of 2 MB", "size=2m", 5, r"environment error:.*(space|free)"),
+            ("read-only tmpfs", "ro,size=1m", 5, r"environment error:.*read-only")):
+        folder = ws.fresh("tmpfs")
+        mount = folder / "mnt"
+        mount.mkdir()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
+                                 text=True)
+        if mounted.returncode != 0:
+            rows.append({"case": case, "outcome": "not run", "exit_code": None, "expected_exit_code": code,
+                         "seconds": 0.0, "message": f"mount failed: {mounted.stderr.strip()[:200]}", "problems": []})
+            continue
+        try:
+            config = ws.config(folder, train={"steps": 4, "ckpt_every": 2, "run_dir": str(mount / "run")})
+            rows.append({"case": case, **judge(run_cli(["train", config]), code, pattern)})
+        finally:
+            subprocess.run(["umount", str(mount)], capture_output=True)
+    return rows
+
+
 @scenario("shards_write_killed", "ingestion", "pretrain shards write of a PNG folder killed (SIGKILL), then rerun")
 def _shards_write_killed(ws: Workspace, rng: random.Random) -> list[dict[str, Any]]:
     from PIL import Image
@@ -442,7 +467,7 @@ def run_faults_bench(scratch: Path, only: list[str] | None = None, seed: int = 0
             rows.append({"scenario": name, "class": fault_class, "fault": fault, **trial})
         print(f"[faults] {name}: {', '.join(t['outcome'] for t in trials)} ({time.perf_counter() - started:.0f} s)",
               file=sys.stderr, flush=True)
-    counts = {o: sum(r["outcome"] == o for r in rows) for o in GOOD_OUTCOMES + FAILURES}
+    counts = {o: sum(r["outcome"] == o for r in rows) for o in GOOD_OUTCOMES + FAILURES + ("not run",)}
     return {"trials": rows, "summary": {"trials": len(rows), "scenarios": len({r["scenario"] for r in rows}),
                                         "classes": sorted({r["class"] for r in rows}), **counts,
                                         "failures": sum(counts[f] for f in FAILURES)}}
@@ -453,7 +478,7 @@ def faults_markdown(result: dict[str, Any]) -> str:
     lines = [f"# Fault injection: {s['trials']} trials of {s['scenarios']} scenarios",
              "", f"Created {result.get('created', '')} by `pretrain bench faults` on {result['device'].get('cpu', '')}.",
              "", f"**{s['clean message']} clean messages, {s['recovered']} recoveries, {s['failures']} failures** "
-             f"({', '.join(f'{f}: {s[f]}' for f in FAILURES)}).", "",
+             f"({', '.join(f'{f}: {s[f]}' for f in FAILURES)}); {s['not run']} not run (see the rows).", "",
              "| class | scenario | case | outcome | exit (expected) | s | message or problem |",
              "|---|---|---|---|---|---|---|"]
     for r in result["trials"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.config import load_config
-from pretrain.engine.trainer import upsampling_warnings
+from pretrain.engine.preflight import upsampling_warnings
 from pretrain.objectives import build_objective
 from pretrain.tools.cli.main import main
 

@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pretrain.engine import checkpoint as ckpt
 from pretrain.storage.checkpoints import CheckpointError, NoSpaceError, resolve_checkpoint
 from pretrain.tools.cli.main import EXIT_CHECKPOINT, EXIT_USAGE, main
 from tests.engine.conftest import PRETRAIN, run_ranks, train_args, tiny_yaml, demo_shards  # noqa: F401 (fixtures)
-from tests.engine.test_checkpoint import CrashingEngine, _save, _step_folders
+from tests.engine.test_checkpoint import _save, _step_folders
 
 MODEL = "mp_rank_00_model_states.pt"
 

@@ -16,7 +16,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.config.explain import walk
 from pretrain.config.registry import objectives
 from pretrain.data import sample_faults
-from pretrain.data.stream import ShardStream, StreamSource, _SlotState
+from pretrain.data.stream import ShardStream, _SlotState
 from tests.faults.test_sample_faults import mae_stream
 
 REASONS = {v for k, v in vars(sample_faults).items() if k.isupper() and isinstance(v, str)}

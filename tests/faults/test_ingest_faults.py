@@ -22,7 +22,7 @@ from pretrain.config import load_config
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import JOURNAL_NAME, MANIFEST_NAME, read_manifest, unfinished_conversion
 from pretrain.data.shardlists import expand_shards
-from pretrain.engine.trainer import check_shard_sets
+from pretrain.engine.preflight import check_shard_sets
 from pretrain.tools.cli.main import EXIT_DATA, main
 from pretrain.tools.ingest.images import write_shards, write_split_shards
 

@@ -2,7 +2,6 @@
 never checkpoints them and never exports them (issue 17: optim.lr far too high, steps that are all skipped)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

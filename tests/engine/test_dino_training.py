@@ -111,9 +111,11 @@ def test_sigkilled_dino_resumes_with_the_same_student_and_teacher_zero3(dino_yam
             assert torch.equal(want[name], have[name]), f"{tower}.{name}"
 
 
-def test_non_finite_loss_is_reported_and_skipped(tmp_path: Path):
-    """A NaN image that reached the shards (written by another tool) poisons its batches: those steps
-    are skipped on every rank, and the weights stay finite."""
+def test_a_nan_image_costs_only_itself_and_too_many_stop_every_rank(tmp_path: Path):
+    """A NaN image that reached the shards (written by another tool) used to poison its batches (skipped
+    steps). Now it is rejected alone: one rank trains every step, weights finite; and on 2 ranks (ZeRO-3)
+    whose rejected share, summed over ranks, passes data.max_bad_fraction, every rank stops with exit 3,
+    the rank that saw no bad sample too (a rank left waiting in a collective would hang the job)."""
     import webdataset as wds
 
     from pretrain.data.codec import encode_sample
@@ -131,17 +133,22 @@ def test_non_finite_loss_is_reported_and_skipped(tmp_path: Path):
     cfg["data"].update(train=str(shards / "poisoned-000000.tar"), shuffle_buffer=16)
     config = tmp_path / "nan.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    for world, stage in [(1, 0), (2, 3)]:
-        run_dir = tmp_path / f"run{world}"
-        results = run_ranks(train_args(config, run_dir, f"train.zero_stage={stage}", f"data.batch_size={8 // world}"),
-                            world, tmp_path)
-        results.assert_clean()
-        assert "non-finite loss at step" in results.outputs[0]
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert records[-1]["optim/skipped_nonfinite"] >= 1
-        assert all(np.isfinite(r["loss/total"]) for r in records if "loss/total" in r)
-        objective, _ = trained_objective(run_dir / "checkpoints" / tag_for(10))
-        assert all(torch.isfinite(p).all() for p in objective.parameters())
+
+    run_dir = tmp_path / "run1"
+    results = run_ranks(train_args(config, run_dir, "data.max_bad_fraction=0.2"), 1, tmp_path)
+    results.assert_clean()
+    assert "skipping a sample (non_finite" in results.outputs[0] and "'img05'" in results.outputs[0]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["optim/skipped_nonfinite"] == 0 and records[-1]["data/bad_samples/non_finite"] >= 1
+    assert all(np.isfinite(r["loss/total"]) for r in records if "loss/total" in r)
+    objective, _ = trained_objective(run_dir / "checkpoints" / tag_for(10))
+    assert all(torch.isfinite(p).all() for p in objective.parameters())
+
+    results = run_ranks(train_args(config, tmp_path / "run2", "train.zero_stage=3", "data.batch_size=4",
+                                   "data.max_bad_fraction=0.01"), 2, tmp_path)
+    assert results.returncodes == [3, 3], results.describe()
+    assert sum("skipping a sample (non_finite" in out for out in results.outputs) == 1  # one rank read img05
+    assert all("max_bad_fraction=0.01" in out and "Traceback" not in out for out in results.outputs)
 
 
 def test_zero3_teacher_equals_the_closed_form_ema_of_the_checkpointed_students(dino_yaml: Path, tmp_path: Path):

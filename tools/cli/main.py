@@ -197,7 +197,8 @@ def _demo_data(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pretrain", description="medpretrain: pretrain medical-imaging encoders")
     parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error instead of its one-line message")
+                        help="show the full traceback of an error instead of its one-line message "
+                             f"(also: ${DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain (or resume) a run from a YAML config")
@@ -293,15 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and not args.random_init and not args.source:
         print(f"pretrain eval {args.eval_command}: give SOURCE or --random-init CONFIG", file=sys.stderr)
         return 2
+    debug_before = os.environ.get(DEBUG_ENV)
     if args.debug:
-        os.environ[DEBUG_ENV] = "1"
+        os.environ[DEBUG_ENV] = "1"  # for the rank processes a launcher starts from here
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:
-        code = error_exit_code(e)
-        if code is None or os.environ.get(DEBUG_ENV):
+        code = None if os.environ.get(DEBUG_ENV) else error_exit_code(e)
+        if code is None:
             raise
         return code
+    finally:
+        if debug_before is None:  # an in-process caller (tests, notebooks) keeps its environment
+            os.environ.pop(DEBUG_ENV, None)
 
 
 def error_exit_code(e: BaseException) -> int | None:
@@ -326,7 +331,7 @@ def error_exit_code(e: BaseException) -> int | None:
     ]
     for types, label, code in classes:
         if isinstance(e, types):
-            print(f"pretrain: {label}: {_describe_error(e)} (--debug shows the traceback)", file=sys.stderr)
+            print(f"pretrain: {label}: {_describe_error(e)}", file=sys.stderr)
             return code
     return None
 

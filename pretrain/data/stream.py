@@ -18,8 +18,10 @@ batch ``k``. Each role re-runs its raw pipeline for the samples already
 delivered, decoding them (cheap, and needed to skip undecodable samples the
 same way) but not transforming or collating them, and then goes on.
 Resume stays exact as long as ``transform`` is deterministic given the
-sample and its ``__seed__`` and rejects (``ValueError``) no sample in the
-replayed range, since rejections by the transform are not replayed.
+sample and its ``__seed__`` and rejects no sample in the replayed range,
+since rejections by the transform are not replayed (those of the decode
+checks, :mod:`pretrain.data.sample_faults`, where nearly every bad sample
+is caught, are).
 """
 from __future__ import annotations
 

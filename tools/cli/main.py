@@ -14,7 +14,7 @@ from pretrain.tools.cli.args import Parser, positive_number
 EXIT_USAGE = 2  # a config, option or path the user gave (argparse's own code for bad options)
 EXIT_DATA = 3  # shards or samples that cannot serve the command
 EXIT_CHECKPOINT = 4  # a run's checkpoints that cannot be read as asked
-EXIT_ENVIRONMENT = 5  # the machine: a folder that cannot be written, a full disk, a missing device
+EXIT_ENVIRONMENT = 5  # the machine: a folder that cannot be written, a full or read-only disk (any OSError)
 EXIT_TRAINING = 6  # a run that diverged (non-finite weights or steps) past what rollbacks could mend
 DEBUG_ENV = "MEDPRETRAIN_DEBUG"  # set by --debug; rank processes inherit it
 
@@ -345,6 +345,7 @@ def _describe_error(e: BaseException) -> str:
                 errno.EACCES: "; check its permissions", errno.EROFS: "; the filesystem is read-only"}
         return f"{e.filename}: {e.strerror}{hint.get(e.errno, '')}"
     return str(e)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,7 @@ def to_tensor(image: np.ndarray, intensity: str = "zscore") -> torch.Tensor:
     """
     if image.dtype.kind == "f" and image.dtype.itemsize > 4 and image.size:
         peak = float(np.abs(image).max())
-        if peak > np.finfo(np.float32).max:  # would be inf as float32; the normalisations ignore the scale
+        if peak > float(np.finfo(np.float32).max):  # inf as float32; the normalisations ignore the scale
             image = image / peak
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     if intensity == "zscore":

@@ -9,7 +9,6 @@ import statistics
 import pytest
 import torch
 
-from pretrain.engine.distributed import free_port
 from pretrain.tools.bench.common import REPO_ROOT, default_out, format_table
 from pretrain.tools.bench.step import differing_weights, summarize
 from pretrain.tools.cli.main import main
@@ -19,14 +18,6 @@ HEAD_KEYS = {"benchmark", "created", "options", "device", "versions", "config", 
 VERSION_KEYS = {"python", "torch", "deepspeed", "webdataset", "timm", "numpy"}
 TINY_DATA = ["data.shuffle_buffer=4", "data.batch_size=4", "--seconds", "0.2", "--repeats", "2",
              "--warmup-batches", "1", "--quiet"]
-
-
-@pytest.fixture
-def single_process(monkeypatch):
-    """A lone rank on a fresh port; the environment setup_distributed fills in is restored afterwards."""
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())}.items():
-        monkeypatch.setenv(key, value)
 
 
 def read(path) -> dict:

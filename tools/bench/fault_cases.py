@@ -75,20 +75,24 @@ def write_shard(path: Path, n_good: int, planted: dict[int, dict], seed: int = 0
     return path
 
 
-def tiny_run(shards: Path, run_dir: Path, steps: int = 6) -> dict:
-    """A MAE run that trains in well under a second per step on one core, over ``shards``, one loader worker."""
-    return {
+def tiny_run(shards: Path, run_dir: Path, **sections: dict) -> dict:
+    """A MAE run that trains in well under a second per step on one core, over ``shards``, one loader worker,
+    for 6 steps; ``sections`` update its sections (``train={"steps": 12}``)."""
+    cfg = {
         "model": {"preset": "nano", "spatial_dims": 2, "img_size": SIZE, "patch_size": 8, "in_chans": 1,
                   "pos_embed": "sincos"},
         "objective": {"name": "mae", "mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
                       "norm_pix_loss": True},
         "data": {"train": str(shards), "batch_size": 8, "num_workers": 1, "shuffle_buffer": 16},
         "optim": {"lr": 3.0e-3, "min_lr": 1.0e-4, "warmup_steps": 2, "weight_decay": 0.05, "grad_clip": 1.0},
-        "train": {"steps": steps, "seed": 0, "precision": "fp32", "zero_stage": 0, "log_every": 1,
+        "train": {"steps": 6, "seed": 0, "precision": "fp32", "zero_stage": 0, "log_every": 1,
                   "ckpt_every": 1000, "progress": False, "export_on_end": False, "threads": 1,
                   "run_dir": str(run_dir)},
         "eval": {"knn_train": None, "knn_val": None, "at_start": False},
     }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
 
 
 def write_config(path: Path, cfg: dict) -> str:

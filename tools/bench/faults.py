@@ -45,10 +45,15 @@ class Proc:
     seconds: float
 
 
+def _plain_environment() -> dict[str, str]:
+    """This process's environment without a launcher's rank variables: each command is a run of its own."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    return {k: v for k, v in os.environ.items() if k not in launcher}
+
+
 def run_cli(args: list[str], *, timeout: float = TIME_LIMIT_S, preexec: Callable[[], None] | None = None) -> Proc:
-    """``pretrain ARGS`` in its own process with a clean distributed environment."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    """``pretrain ARGS`` in its own process, waited for up to ``timeout`` seconds."""
+    env = _plain_environment()
     start = time.perf_counter()
     try:
         done = subprocess.run(PRETRAIN + args, capture_output=True, text=True, timeout=timeout, env=env,
@@ -60,10 +65,9 @@ def run_cli(args: list[str], *, timeout: float = TIME_LIMIT_S, preexec: Callable
 
 
 def start_cli(args: list[str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    return subprocess.Popen(PRETRAIN + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    """``pretrain ARGS`` started in a session of its own (so that a signal can reach its whole group)."""
+    return subprocess.Popen(PRETRAIN + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_plain_environment(), start_new_session=True)
 
 
 def judge(proc: Proc, code: int, pattern: str, problems: list[str] = ()) -> dict[str, Any]:
@@ -103,10 +107,7 @@ class Workspace:
         return path
 
     def config(self, folder: Path, shards: Path | None = None, **sections) -> str:
-        cfg = tiny_run(shards or self.good, folder / "run")
-        for section, values in sections.items():
-            cfg[section].update(values)
-        return write_config(folder / "config.yaml", cfg)
+        return write_config(folder / "config.yaml", tiny_run(shards or self.good, folder / "run", **sections))
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:

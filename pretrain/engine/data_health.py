@@ -44,9 +44,10 @@ class DataHealth:
         return good, bad, reasons
 
     def scalars(self) -> dict[str, float]:
-        """This rank's counts for the metrics log."""
+        """This rank's counts for the metrics log, summed over its slots (corrupt shards included)."""
         good, bad, reasons = self.local()
-        out = {"data/bad_samples": float(bad), **{f"data/bad_samples/{r}": float(n) for r, n in sorted(reasons.items())}}
+        out = {"data/corrupt_shards": float(sum(int(s.get("corrupt_shards", 0)) for s in self._slots.values())),
+               "data/bad_samples": float(bad), **{f"data/bad_samples/{r}": float(n) for r, n in sorted(reasons.items())}}
         if good + bad:
             out["data/bad_fraction"] = bad / (good + bad)
         return out

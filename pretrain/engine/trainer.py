@@ -280,7 +280,7 @@ class Trainer:
                 values = self.set_schedules()
                 lr = values["lr"]
                 log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
-                parts, stream_stats, batch, out = self.train_step(batches, timer, measure_grad_norm=log_now)
+                parts, _, batch, out = self.train_step(batches, timer, measure_grad_norm=log_now)
                 if parts:  # empty when the step was skipped for a non-finite loss
                     self.objective.after_step(self.step)
                 self.step += 1
@@ -296,8 +296,6 @@ class Trainer:
                     scalars.update(self._step_scalars(values, timer, flops_per_sample, tokens_per_sample, peak))
                     if out is not None and self.dist.is_main:
                         scalars.update(embedding_scalars(out))  # collapse indicators of this rank's batch
-                    if stream_stats:
-                        scalars["data/corrupt_shards"] = stream_stats.get("corrupt_shards", 0)
                     scalars.update(self.data_health.scalars())
                     monitor.scalars(self.step, scalars)
                     if metrics_file is not None:

@@ -192,8 +192,12 @@ def test_dino_demo_run_end_to_end_logs_its_parts_and_exports_the_teacher(tmp_pat
     tags = set(events.Tags()["scalars"])
     assert {"loss/dino", "loss/ibot", "loss/koleo", "schedule/teacher_temp", "schedule/momentum",
             "eval/teacher/linear", "eval/student/linear", "eval/teacher/knn_mean",
-            *(f"collapse/{t}/{k}/{s}" for t in ("teacher", "student") for k in ("cls", "patch") for s in ("std", "cosine", "rank"))
+            *(f"collapse/{t}/{k}/{s}" for t in ("teacher", "student") for k in ("cls", "patch") for s in ("std", "cosine", "rank")),
+            *(f"collapse/{t}/{s}" for t in ("teacher/cls_targets", "student/cls_predictions")
+              for s in ("entropy", "marginal_entropy")),
             } <= tags, tags
+    entropy = [e.value for e in events.Scalars("collapse/student/cls_predictions/entropy")]
+    assert all(0 < v <= 1 + 1e-6 for v in entropy), entropy
     temps = [e.value for e in events.Scalars("schedule/teacher_temp")]
     assert temps == sorted(temps) and temps[0] >= 0.04
     # The export is the teacher, and timm loads it from the hub layout (strictly).

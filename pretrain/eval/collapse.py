@@ -11,8 +11,21 @@ For features X (B, D) of one batch:
 - ``rank``: the effective rank of the centred features (Roy & Vetterli, 2007):
   exp(entropy of the singular values normalised to sum 1), between 1 (one
   direction carries everything) and min(B, D).
+
+For probabilities P (B, K) over prototypes (self-distillation targets and
+predictions), as fractions of ln K:
+
+- ``entropy``: the mean per-sample entropy. 1 when every sample's
+  distribution is uniform: DINO's collapse to uniform, where the loss sits at
+  ln K and the student has stopped predicting the teacher (the case the
+  embedding indicators above can miss: KoLeo keeps the class tokens spread).
+- ``marginal_entropy``: the entropy of the batch's mean distribution. 0 when
+  every sample picks the same prototype (collapse to one prototype); near 1
+  when confident samples spread over the prototypes, as wanted.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +51,26 @@ def collapse_stats(x_BD: torch.Tensor) -> dict[str, float]:
     return {"std": float(z.std(0).mean()), "cosine": float(cosine), "rank": float(rank)}
 
 
+@torch.no_grad()
+def distribution_stats(p_BK: torch.Tensor) -> dict[str, float]:
+    p = p_BK.detach().float()
+    if p.shape[1] < 2 or p.shape[0] < 1:
+        return {}
+    log_k = math.log(p.shape[1])
+
+    def entropy(q: torch.Tensor) -> torch.Tensor:
+        return -(q * torch.log(q.clamp_min(1e-30))).sum(-1)
+    return {"entropy": float(entropy(p).mean() / log_k), "marginal_entropy": float(entropy(p.mean(0)) / log_k)}
+
+
 def embedding_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """``collapse/<tower>/<kind>/<stat>`` for every ``_embed/<tower>/<kind>`` (B, D) an objective's forward returned."""
+    """``collapse/<tower>/<kind>/<stat>`` for every ``_embed/<tower>/<kind>`` (B, D) features and every
+    ``_dist/<tower>/<kind>`` (B, K) probabilities an objective's forward returned."""
+    stats = {"_embed/": collapse_stats, "_dist/": distribution_stats}
     scalars = {}
     for key, value in outputs.items():
-        if key.startswith("_embed/") and torch.is_tensor(value) and value.dim() == 2:
-            name = key[len("_embed/"):]
-            scalars.update({f"collapse/{name}/{stat}": v for stat, v in collapse_stats(value).items()})
+        prefix = key[:key.find("/") + 1]
+        if prefix in stats and torch.is_tensor(value) and value.dim() == 2:
+            name = key[len(prefix):]
+            scalars.update({f"collapse/{name}/{stat}": v for stat, v in stats[prefix](value).items()})
     return scalars

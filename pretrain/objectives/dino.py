@@ -229,7 +229,11 @@ class DINO(Objective):
         koleo_terms = [koleo_loss(c) for c in s_cls.chunk(n_global)]
         dinov2 = self.cfg.loss_weighting == "dinov2"
         loss_koleo = sum(koleo_terms) if dinov2 else sum(koleo_terms) / n_global
-        out = {"dino": loss_dino.detach(), "koleo": loss_koleo.detach(), **self._embeddings(t_tokens, s_tokens)}
+        out = {"dino": loss_dino.detach(), "koleo": loss_koleo.detach(), **self._embeddings(t_tokens, s_tokens),
+               # the prototype distributions of the global crops, for the collapse monitor's entropies
+               "_dist/teacher/cls_targets": t_cls.detach(),
+               "_dist/student/cls_predictions": torch.softmax(
+                   torch.cat(student_logits[:n_global]).detach().float() / self.cfg.student_temp, dim=-1)}
         loss = self.cfg.dino_weight * loss_dino + self.cfg.koleo_weight * loss_koleo
         if self.use_ibot:
             s_patch_logits = self.student.patch_head()(s_tokens[:, self.prefix:][masks])

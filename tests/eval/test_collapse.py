@@ -33,3 +33,22 @@ def test_effective_rank_counts_directions_and_a_common_offset_shows_in_cosine():
 def test_only_embedding_outputs_become_scalars():
     out = {"loss": torch.tensor(1.0), "_embed/teacher/cls": torch.randn(8, 4), "_pred": torch.randn(8, 4)}
     assert set(embedding_scalars(out)) == {"collapse/teacher/cls/std", "collapse/teacher/cls/cosine", "collapse/teacher/cls/rank"}
+
+
+def test_prototype_entropies_tell_uniform_collapse_from_one_prototype_collapse():
+    from pretrain.eval.collapse import distribution_stats
+    K = 16
+    uniform = distribution_stats(torch.full((8, K), 1 / K))
+    assert abs(uniform["entropy"] - 1) < 1e-6 and abs(uniform["marginal_entropy"] - 1) < 1e-6
+    one_prototype = distribution_stats(torch.nn.functional.one_hot(torch.full((8,), 3), K).float())
+    assert one_prototype["entropy"] < 1e-6 and one_prototype["marginal_entropy"] < 1e-6
+    spread = distribution_stats(torch.nn.functional.one_hot(torch.arange(32) % K, K).float())  # confident, balanced
+    assert spread["entropy"] < 1e-6 and abs(spread["marginal_entropy"] - 1) < 1e-6
+    half = distribution_stats(torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 4))
+    assert abs(half["entropy"] - 0.5) < 1e-6  # ln 2 / ln 4
+
+
+def test_probability_outputs_become_entropy_scalars():
+    out = {"_dist/teacher/cls_targets": torch.softmax(torch.randn(8, 5), -1), "_dist/bad": torch.ones(3)}
+    assert set(embedding_scalars(out)) == {"collapse/teacher/cls_targets/entropy",
+                                            "collapse/teacher/cls_targets/marginal_entropy"}

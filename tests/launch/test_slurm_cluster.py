@@ -132,7 +132,10 @@ def test_interrupted_job_resumes_to_the_same_final_loss(interrupt, reference_run
         subprocess.run(["scontrol", "requeue", job_id], check=True)
     else:  # what SLURM sends --signal-delay seconds before the time limit
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    summary = _wait(lambda: _done(run_dir), f"job {job_id} to come back and finish", run_dir=run_dir)
+    # "done" is recorded after the trainer writes summary.json: waiting for the file alone races the event
+    _wait(lambda: any(e["event"] == "done" for e in read_events(run_dir)), f"job {job_id} to come back and finish",
+          run_dir=run_dir)
+    summary = _done(run_dir)
 
     events = read_events(run_dir)
     kinds = [e["event"] for e in events]

@@ -31,6 +31,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of distributions along the last axis; 0 log 0 = 0."""
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
 @torch.no_grad()
 def collapse_stats(x_BD: torch.Tensor) -> dict[str, float]:
     x = x_BD.detach().float()
@@ -47,7 +52,7 @@ def collapse_stats(x_BD: torch.Tensor) -> dict[str, float]:
         rank = torch.tensor(1.0)
     else:
         p = s / total
-        rank = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+        rank = torch.exp(_entropy(p))
     return {"std": float(z.std(0).mean()), "cosine": float(cosine), "rank": float(rank)}
 
 
@@ -57,10 +62,7 @@ def distribution_stats(p_BK: torch.Tensor) -> dict[str, float]:
     if p.shape[1] < 2 or p.shape[0] < 1:
         return {}
     log_k = math.log(p.shape[1])
-
-    def entropy(q: torch.Tensor) -> torch.Tensor:
-        return -(q * torch.log(q.clamp_min(1e-30))).sum(-1)
-    return {"entropy": float(entropy(p).mean() / log_k), "marginal_entropy": float(entropy(p.mean(0)) / log_k)}
+    return {"entropy": float(_entropy(p).mean() / log_k), "marginal_entropy": float(_entropy(p.mean(0)) / log_k)}
 
 
 def embedding_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -81,6 +81,11 @@ def _done(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _recorded_done(run_dir: Path) -> bool:
+    """The launcher has recorded "done": after the export, which comes after the trainer's summary.json."""
+    return any(e["event"] == "done" for e in read_events(run_dir))
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {rec["step"]: rec["loss/total"] for rec in map(json.loads, lines)}
@@ -99,9 +104,7 @@ def reference_run(cluster, slurm_yaml: Path, tmp_path_factory: pytest.TempPathFa
     """One uninterrupted 2-rank job to its final checkpoint."""
     run_dir = tmp_path_factory.mktemp("slurm") / "reference"
     record = submit_run(slurm_yaml, [f"train.run_dir={run_dir}", "train.export_on_end=true"], SlurmOptions(**TWO_RANKS))
-    # "done" is recorded after the export, which comes after the trainer's summary.json
-    _wait(lambda: any(e["event"] == "done" for e in read_events(run_dir)), f"job {record['job_id']} to finish",
-          run_dir=run_dir)
+    _wait(lambda: _recorded_done(run_dir), f"job {record['job_id']} to finish", run_dir=run_dir)
     return run_dir
 
 
@@ -132,9 +135,8 @@ def test_interrupted_job_resumes_to_the_same_final_loss(interrupt, reference_run
         subprocess.run(["scontrol", "requeue", job_id], check=True)
     else:  # what SLURM sends --signal-delay seconds before the time limit
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    # "done" is recorded after the trainer writes summary.json: waiting for the file alone races the event
-    _wait(lambda: any(e["event"] == "done" for e in read_events(run_dir)), f"job {job_id} to come back and finish",
-          run_dir=run_dir)
+    # waiting for summary.json alone would race the "done" event recorded after it
+    _wait(lambda: _recorded_done(run_dir), f"job {job_id} to come back and finish", run_dir=run_dir)
     summary = _done(run_dir)
 
     events = read_events(run_dir)

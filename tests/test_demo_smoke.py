@@ -23,7 +23,7 @@ def test_phantoms_are_native_dtype_with_label_maps_and_class_independent_in_inte
         assert labels.shape == (1, *labels.shape[1:]) and labels.dtype == np.uint8
         assert set(np.unique(labels)) == set(range(len(LABEL_MAP)))  # every structure is drawn, the finding too
     # Mean intensity carries (almost) no class information: per-class means overlap widely.
-    means = {c: [radiograph(c, 32, rng)[0].mean() for _ in range(40)] for c in range(len(CLASSES_2D))}
+    means = {c: [radiograph(c, 32, rng)[0].mean() for _ in range(100)] for c in range(len(CLASSES_2D))}
     spread = max(np.mean(v) for v in means.values()) - min(np.mean(v) for v in means.values())
     assert spread < 0.5 * min(np.std(v) for v in means.values())
 

@@ -10,9 +10,10 @@ The labelled evaluation splits (``knn_*``: the probe's training and held-out
 sets) also carry each image's label map (``seg.npy``: body, lungs, heart,
 finding) for dense probes. Every sample of every split carries a generated
 findings report (``.txt``; ``pretrain.tools.demo.reports``) stating what its
-image shows: the lesion kind, count and side. Reports draw from a stream of
-their own (``default_rng([split seed, 1])``), so the images are the bytes they
-were before reports existed (data v2).
+image shows: the zone where the hazy opacity predominates (the class), its
+grade and, where one lung is clearly worse, that side. Reports draw from a
+stream of their own (``default_rng([split seed, 1])``), so the images are the
+same bytes with or without them (data v3).
 
 ``make_demo_data`` also writes ``text_tower/`` beside the splits (when it writes
 every split, or when asked): a WordPiece tokenizer trained on demo reports and
@@ -91,7 +92,7 @@ def write_split(out: Path, generator: Callable, size: int, count: int, seed: int
 
 
 def _source(generator: Callable, seed: int) -> str:
-    return f"medpretrain demo v2.1 ({generator.__name__}, seed {seed}, reports)"
+    return f"medpretrain demo v3 ({generator.__name__}, seed {seed}, reports)"
 
 
 def make_demo_data(out: str | Path, scale: float = 1.0, seed: int = 0, splits: list[str] | None = None, progress: bool = True,

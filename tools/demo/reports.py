@@ -4,15 +4,18 @@
 (``phantom(..., facts={})``, or ``draw_facts`` without an image; see ``pretrain.tools.demo.phantoms``).
 It states only what the image shows:
 
-- the lesion kind, the class (the key sentence, in one of several phrasings per class),
-- how many lesions there are (the exact count in words, or "a few" / "several" / "numerous"),
-- where they lie: the right lung only, the left lung only, or both lungs (sometimes with the count per
-  side), in the radiological convention: the patient's right lung is on the image's left, at low
-  indices of the image's last (left-right) axis,
-- negations of other lesion kinds ("No cystic change.") and of what no phantom has (pleural effusion,
-  pneumothorax, consolidation),
+- the zone where the hazy opacity predominates, the class (the key sentence, in one of several phrasings
+  per class: "upper-zone predominant", "basal", "subpleural", "perihilar" on a radiograph; "upper lobe
+  predominant", "ground-glass", "peribronchovascular" on CT), and that it is bilateral,
+- its grade, "mild" or "moderate" (once when both lungs share it, else per side),
+- the worse side where the facts name one ("more pronounced on the right"), in the radiological
+  convention: the patient's right lung is on the image's left, at low indices of the image's last
+  (left-right) axis,
+- negations of other zones' predominance ("No basal predominance."); sometimes that the opposite zone
+  is spared ("The lung bases are spared." for an upper-zone class; only the opposite zone is spared),
+  and of what no phantom has (pleural effusion, pneumothorax, consolidation),
 - sometimes the heart size (always normal: the phantoms' cardiothoracic ratio is 0.25 to 0.35) and the
-  body habitus (from the body's width in the field of view).
+  body habitus (from the body's half-width in the field of view).
 
 Sentences are partly shuffled (the key sentence is not always first); a modality line, a "FINDINGS:"
 heading and an "IMPRESSION:" line appear some of the time. The same facts and random stream give the
@@ -27,84 +30,99 @@ import numpy as np
 
 from pretrain.tools.demo.phantoms import CLASSES_2D, CLASSES_3D, SIDES
 
-NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-
-# Per spatial dims and class: "nouns", plural phrases for the lesions (they take a count or "multiple");
-# "patterns", singular phrases for the whole picture; "negations", how a report says this kind is absent; "impressions".
+# Per spatial dims and class: "nouns", the opacity with its zone (they take "bilateral" and a grade before them);
+# "patterns", the zone's distribution (after "with"); "negations", how a report says this zone does not predominate
+# (true of every other class); "spared", how it says this zone is spared (true only of the opposite class,
+# ``OPPOSITE``); "impressions".
 VOCABULARY: dict[int, dict[str, dict[str, list[str]]]] = {
     2: {
-        "nodular": {
-            "nouns": ["solid nodules", "round nodular opacities", "well-defined solid nodules", "rounded nodular densities",
-                      "small solid pulmonary nodules"],
-            "patterns": ["a nodular pattern", "a multinodular pattern", "nodular opacification"],
-            "negations": ["no pulmonary nodules", "no nodular opacities", "no discrete nodules"],
-            "impressions": ["multiple pulmonary nodules", "nodular pattern"],
+        "upper": {
+            "nouns": ["upper-zone predominant opacities", "hazy opacification predominating in the upper zones",
+                      "apical predominant hazy opacities", "opacities most marked in the upper zones"],
+            "patterns": ["an upper-zone predominance", "an apical predominance", "an upper-zone distribution"],
+            "negations": ["no upper-zone predominance", "no apical predominance"],
+            "spared": ["the lung apices are spared", "relative sparing of the lung apices"],
+            "impressions": ["upper-zone predominant hazy opacification", "apical predominant airspace opacity"],
         },
-        "cystic": {
-            "nouns": ["thin-walled cysts", "ring-shaped lucencies with thin walls", "air-filled cysts with thin walls",
-                      "round cystic lucencies", "thin-walled ring shadows"],
-            "patterns": ["a cystic pattern", "cystic change", "a thin-walled cystic pattern"],
-            "negations": ["no cystic change", "no cysts", "no ring-shaped lucencies"],
-            "impressions": ["cystic lung disease", "multiple thin-walled cysts"],
+        "lower": {
+            "nouns": ["basal predominant opacities", "hazy opacification predominating at the lung bases",
+                      "lower-zone predominant hazy opacities", "opacities most marked in the lower zones"],
+            "patterns": ["a basal predominance", "a lower-zone predominance", "a basal distribution"],
+            "negations": ["no basal predominance", "no lower-zone predominance"],
+            "spared": ["the lung bases are spared", "relative sparing of the lung bases"],
+            "impressions": ["basal predominant hazy opacification", "lower-zone predominant airspace opacity"],
         },
-        "linear": {
-            "nouns": ["linear opacities", "short linear bands", "straight band-like opacities", "short line shadows",
-                      "linear strands"],
-            "patterns": ["a linear pattern", "linear banding", "linear band-like opacification"],
-            "negations": ["no linear opacities", "no linear bands", "no band-like opacities"],
-            "impressions": ["linear opacities", "linear band pattern"],
+        "peripheral": {
+            "nouns": ["peripheral predominant opacities", "subpleural hazy opacities",
+                      "hazy opacification predominating in the lung periphery", "opacities most marked subpleurally"],
+            "patterns": ["a peripheral predominance", "a subpleural distribution", "a peripheral distribution"],
+            "negations": ["no peripheral predominance", "no subpleural predominance"],
+            "spared": ["the lung periphery is spared", "relative sparing of the lung periphery"],
+            "impressions": ["peripheral predominant hazy opacification", "subpleural airspace opacity"],
         },
-        "reticular": {
-            "nouns": ["cross-shaped reticular opacities", "foci of crossing interstitial lines", "small reticular crosses",
-                      "intersecting line opacities"],
-            "patterns": ["a reticular pattern", "crossing interstitial lines", "reticular interstitial change",
-                         "a fine reticular network"],
-            "negations": ["no reticular pattern", "no interstitial reticulation", "no crossing interstitial lines"],
-            "impressions": ["reticular interstitial pattern", "reticular pattern"],
+        "central": {
+            "nouns": ["perihilar predominant opacities", "bat-wing perihilar opacities",
+                      "hazy opacification predominating in the perihilar regions", "opacities most marked centrally"],
+            "patterns": ["a perihilar predominance", "a bat-wing distribution", "a central perihilar distribution"],
+            "negations": ["no perihilar predominance", "no central predominance"],
+            "spared": ["the perihilar regions are spared", "relative sparing of the perihilar regions"],
+            "impressions": ["perihilar predominant hazy opacification", "bat-wing airspace opacity"],
         },
     },
     3: {
-        "nodular": {
-            "nouns": ["solid nodules", "spherical nodular opacities", "round solid nodules", "well-circumscribed spherical nodules"],
-            "patterns": ["a nodular pattern", "a multinodular pattern", "nodular opacification"],
-            "negations": ["no pulmonary nodules", "no spherical nodules", "no nodular opacities"],
-            "impressions": ["multiple pulmonary nodules", "nodular pattern"],
+        "upper": {
+            "nouns": ["upper lobe predominant ground-glass opacities", "ground-glass opacity predominating in the upper lobes",
+                      "apical predominant ground-glass opacities", "ground-glass opacities most marked in the upper lobes"],
+            "patterns": ["an upper lobe predominance", "an apical predominance", "an upper lobe distribution"],
+            "negations": ["no upper lobe predominance", "no apical predominance"],
+            "spared": ["the lung apices are spared", "relative sparing of the lung apices"],
+            "impressions": ["upper lobe predominant ground-glass opacity", "apical predominant ground-glass attenuation"],
         },
-        "vessel": {
-            "nouns": ["tubular structures running cranio-caudally", "cranio-caudal tubular opacities",
-                      "vessel-like tubes along the body axis", "tubular densities oriented through-plane"],
-            "patterns": ["a cranio-caudal tubular pattern", "a through-plane tubular pattern", "a vessel-like tubular pattern"],
-            "negations": ["no cranio-caudal tubular structures", "no through-plane tubular opacities",
-                          "no vessel-like tubes along the body axis"],
-            "impressions": ["cranio-caudal tubular opacities", "vessel-like tubular pattern"],
+        "lower": {
+            "nouns": ["lower lobe predominant ground-glass opacities", "basal predominant ground-glass opacities",
+                      "ground-glass opacity predominating at the lung bases",
+                      "ground-glass opacities most marked in the lower lobes"],
+            "patterns": ["a lower lobe predominance", "a basal predominance", "a basal distribution"],
+            "negations": ["no lower lobe predominance", "no basal predominance"],
+            "spared": ["the lung bases are spared", "relative sparing of the lung bases"],
+            "impressions": ["lower lobe predominant ground-glass opacity", "basal predominant ground-glass attenuation"],
         },
-        "linear": {
-            "nouns": ["tubular opacities lying in the axial plane", "in-plane linear opacities",
-                      "short linear bands within the axial plane", "axial linear densities"],
-            "patterns": ["an in-plane linear pattern", "an axial linear pattern", "in-plane linear banding"],
-            "negations": ["no in-plane linear opacities", "no linear bands in the axial plane", "no axial linear densities"],
-            "impressions": ["axial linear opacities", "in-plane linear pattern"],
+        "peripheral": {
+            "nouns": ["subpleural ground-glass opacities", "peripheral predominant ground-glass opacities",
+                      "ground-glass opacity predominating in the lung periphery",
+                      "ground-glass opacities most marked subpleurally"],
+            "patterns": ["a subpleural predominance", "a peripheral distribution", "a subpleural distribution"],
+            "negations": ["no subpleural predominance", "no peripheral predominance"],
+            "spared": ["the subpleural lung is spared", "relative sparing of the subpleural lung"],
+            "impressions": ["subpleural ground-glass opacity", "peripheral predominant ground-glass attenuation"],
         },
-        "plate": {
-            "nouns": ["plate-like flat opacities in the axial plane", "flat disc-shaped opacities parallel to the axial plane",
-                      "thin plate-like densities", "axial plate-like opacities"],
-            "patterns": ["a plate-like pattern", "flat plate-like opacification", "an axial plate-like pattern"],
-            "negations": ["no plate-like opacities", "no flat disc-shaped opacities", "no axial plate-like densities"],
-            "impressions": ["axial plate-like opacities", "plate-like pattern"],
+        "central": {
+            "nouns": ["peribronchovascular ground-glass opacities", "central predominant ground-glass opacities",
+                      "ground-glass opacity predominating in the perihilar regions",
+                      "perihilar ground-glass opacities"],
+            "patterns": ["a central predominance", "a peribronchovascular distribution", "a perihilar distribution"],
+            "negations": ["no central predominance", "no peribronchovascular predominance"],
+            "spared": ["the central lung is spared", "relative sparing of the perihilar regions"],
+            "impressions": ["central peribronchovascular ground-glass opacity", "perihilar ground-glass attenuation"],
         },
     },
 }
+OPPOSITE = {"upper": "lower", "lower": "upper", "peripheral": "central", "central": "peripheral"}
+# The opacity without its zone (mass nouns: "There is {generic} ...").
+GENERIC = {2: ["hazy opacification", "hazy airspace opacity", "diffuse hazy opacity"],
+           3: ["ground-glass opacity", "ground-glass attenuation", "hazy ground-glass opacity"]}
+# How a report names the worse side ({side}: "right" or "left"); no other phrase says a side is worse.
+WORSE = ["more pronounced on the {side}", "more marked in the {side} lung", "worse on the {side}"]
 # What no phantom has: negated in every report now and then.
 ABSENT = ["no pleural effusion", "no pneumothorax", "no consolidation"]
 MODALITY = {2: ["Frontal chest radiograph.", "PA chest radiograph.", "Chest X-ray, PA view."],
             3: ["CT of the chest.", "Axial chest CT.", "Non-contrast CT of the chest."]}
 # Zero-shot prompt templates; {noun} and {pattern} take a class's phrases.
 PROMPT_TEMPLATES = {
-    2: ["chest radiograph with multiple {noun}", "a chest x-ray showing {noun}", "scattered {noun} in the lungs",
-        "{pattern} in the lungs", "frontal chest radiograph: {pattern}"],
-    3: ["chest CT with multiple {noun}", "a CT of the chest showing {noun}", "scattered {noun} in the lungs",
-        "{pattern} in the lungs", "chest CT: {pattern}"],
+    2: ["chest radiograph with bilateral {noun}", "a chest x-ray showing {noun}", "bilateral {noun}",
+        "hazy opacification in both lungs with {pattern}", "frontal chest radiograph: bilateral opacities with {pattern}"],
+    3: ["chest CT with bilateral {noun}", "a CT of the chest showing {noun}", "bilateral {noun}",
+        "ground-glass opacity in both lungs with {pattern}", "chest CT: bilateral ground-glass opacities with {pattern}"],
 }
 
 
@@ -116,59 +134,55 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _number(n: int) -> str:
-    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
-
-
-def _bucket(n: int) -> str:
-    return "a few" if n <= 5 else "several" if n <= 9 else "numerous"
-
-
-def _where(laterality: str, dims: int, rng: np.random.Generator) -> str:
-    if laterality == "both":
-        return _pick(rng, ["in both lungs", "bilaterally", "throughout both lungs"] + ["in both lung fields"] * (dims == 2))
-    other = SIDES[1 - SIDES.index(laterality)]
-    return _pick(rng, [f"in the {laterality} lung only", f"confined to the {laterality} lung",
-                       f"in the {laterality} lung, sparing the {other}"])
-
-
-def _finding(vocab: dict[str, list[str]], count: int, laterality: str, dims: int, rng: np.random.Generator) -> str:
-    """The key sentence: the lesion kind, how many, and where."""
-    noun, where = _pick(rng, vocab["nouns"]), _where(laterality, dims, rng)
-    style = rng.random()
-    if style < 0.45:
-        counted, total = _number(count), ""
-    elif style < 0.8:
-        counted, total = _bucket(count), ""
-    else:  # count left vague in the phrase, given after it
-        counted, total = _pick(rng, ["multiple", "scattered"]), f", {_number(count)} in total"
-    form = int(rng.integers(4))
-    if form == 0:
-        return f"{_cap(counted)} {noun} are seen {where}{total}."
-    if form == 1:
-        return f"There are {counted} {noun} {where}{total}."
-    if form == 2:
-        return f"{_cap(_pick(rng, vocab['patterns']))} {where}, with {counted} {noun}{total}."
-    return f"{_cap(counted)} {noun} {where}{total}."
-
-
-def _per_lung(facts: dict, rng: np.random.Generator) -> str | None:
-    """A follow-up sentence: the count per side (bilateral) or the clear lung (one-sided); sometimes none."""
-    per, lat = facts["per_lung"], facts["laterality"]
+def _grades(grade: dict[str, str], rng: np.random.Generator) -> str:
+    """Different grades per side: "mild on the right and moderate on the left" (either side first)."""
+    a, b = SIDES if rng.random() < 0.5 else SIDES[::-1]
     if rng.random() < 0.5:
-        return None
-    if lat == "both":
-        right, left = _number(per["right"]), _number(per["left"])
-        return _pick(rng, [f"{_cap(right)} in the right lung and {left} in the left.",
-                           f"Right lung: {right}; left lung: {left}.",
-                           f"{_cap(left)} lie in the left lung, {right} in the right."])
-    other = SIDES[1 - SIDES.index(lat)]
-    return _pick(rng, [f"The {other} lung is clear.", f"No lesions in the {other} lung."])
+        return f"{grade[a]} on the {a} and {grade[b]} on the {b}"
+    return f"{grade[a]} in the {a} lung and {grade[b]} in the {b} lung"
 
 
-def _negations(items: list[str], rng: np.random.Generator) -> list[str]:
-    """Sentences from "no ..." phrases: one each, or joined ("No a, b or c." / "No a and no b.")."""
-    style = int(rng.integers(3))
+def _finding(vocab: dict[str, list[str]], grade: dict[str, str], dims: int, rng: np.random.Generator) -> str:
+    """The key sentence, without its period: the zone, bilateral, and the grade (once, or per side)."""
+    noun, pattern, generic = _pick(rng, vocab["nouns"]), _pick(rng, vocab["patterns"]), _pick(rng, GENERIC[dims])
+    form = int(rng.integers(3))
+    if grade["right"] == grade["left"]:
+        g = grade["right"]
+        if form == 0:
+            return f"{_cap(g)} bilateral {noun}"
+        if form == 1:
+            return f"{_cap(g)} {generic} in both lungs with {pattern}"
+        return f"Bilateral {noun}, {g} in degree"
+    per_side = _grades(grade, rng)
+    if form == 0:
+        return f"Bilateral {noun}, {per_side}"
+    if form == 1:
+        return f"There is {generic} in both lungs with {pattern}, {per_side}"
+    return f"{_cap(noun)} in both lungs, {per_side}"
+
+
+def _lead(facts: dict, name: str, dims: int, rng: np.random.Generator) -> list[str]:
+    """The key sentence and its follow-ups (the opposite zone spared, the worse side), clauses or sentences."""
+    key, after = _finding(VOCABULARY[dims][name], facts["grade"], dims, rng), []
+    if rng.random() < 0.4:
+        spared = _pick(rng, VOCABULARY[dims][OPPOSITE[name]]["spared"])
+        if spared.startswith("relative") and rng.random() < 0.5:
+            key += f", with {spared}"
+        else:
+            after.append(_cap(spared) + ".")
+    side = facts.get("worse_side")
+    if side:
+        worse = _pick(rng, WORSE).format(side=side)
+        if rng.random() < 0.5:
+            key += f", {worse}"
+        else:
+            after.append(f"{_pick(rng, ['The opacities are', 'The changes are', 'Asymmetric,'])} {worse}.")
+    return [key + "."] + after
+
+
+def _negations(items: list[str], rng: np.random.Generator, lists: bool = True) -> list[str]:
+    """Sentences from "no ..." phrases: one each, or joined ("No a, b or c." when ``lists`` / "No a and no b.")."""
+    style = int(rng.integers(3 if lists else 2)) * (1 if lists else 2)
     if style == 0 or len(items) == 1:
         return [_cap(i) + "." for i in items]
     if style == 1:
@@ -188,14 +202,15 @@ def _heart(facts: dict, dims: int, rng: np.random.Generator) -> str:
 
 def _habitus(facts: dict, rng: np.random.Generator) -> str:
     width = facts["body_width"]
-    kind = "slender" if width < 0.72 else "broad" if width > 0.82 else "average"
+    kind = "slender" if width < 0.55 else "broad" if width > 0.72 else "average"
     return _pick(rng, [f"{_cap(kind)} body habitus.", f"Body habitus is {kind}."])
 
 
-def _impression(vocab: dict[str, list[str]], laterality: str, rng: np.random.Generator) -> str:
-    side = {"both": ["bilateral", "both lungs"], "right": ["right lung", "right-sided"],
-            "left": ["left lung", "left-sided"]}[laterality]
-    return f"IMPRESSION: {_cap(_pick(rng, vocab['impressions']))}, {_pick(rng, side)}."
+def _impression(facts: dict, vocab: dict[str, list[str]], rng: np.random.Generator) -> str:
+    grade, side = facts["grade"], facts.get("worse_side")
+    head = f"{_cap(grade['right'])} bilateral" if grade["right"] == grade["left"] else "Bilateral"
+    tail = f", {_pick(rng, WORSE).format(side=side)}" if side else ""
+    return f"IMPRESSION: {head} {_pick(rng, vocab['impressions'])}{tail}."
 
 
 def report(facts: dict, rng: np.random.Generator, dims: int) -> str:
@@ -206,24 +221,13 @@ def report(facts: dict, rng: np.random.Generator, dims: int) -> str:
         raise ValueError(f"facts are of a {facts['dims']}D phantom, asked for a {dims}D report")
     classes = CLASSES_2D if dims == 2 else CLASSES_3D
     name = facts.get("class", classes[facts["label"]])
-    vocab = VOCABULARY[dims][name]
-    count, lat = int(facts["count"]), facts["laterality"]
-    lead = []  # the key sentence and its follow-up stay together
-    if count > 0:
-        lead.append(_finding(vocab, count, lat, dims, rng))
-        follow = _per_lung(facts, rng)
-        if follow:
-            lead.append(follow)
-    else:
-        lead.append(_pick(rng, ["No focal lung lesions.", "The lungs are clear."]))
+    lead = _lead(facts, name, dims, rng)  # the key sentence and its follow-ups stay together
     others = [c for c in classes if c != name]
     chosen = rng.permutation(len(others))[: int(rng.integers(1, len(others) + 1))]
-    kinds = [_pick(rng, VOCABULARY[dims][others[i]]["negations"]) for i in chosen]
+    rest = _negations([_pick(rng, VOCABULARY[dims][others[i]]["negations"]) for i in chosen], rng, lists=False)
     absent = [a for a in ABSENT if rng.random() < 0.6]
-    if absent and rng.random() < 0.5:  # one negation sentence for all
-        rest = _negations(kinds + absent, rng)
-    else:
-        rest = _negations(kinds, rng) + (_negations(absent, rng) if absent else [])
+    if absent:
+        rest += _negations(absent, rng)
     if rng.random() < 0.5:
         rest.append(_heart(facts, dims, rng))
     if rng.random() < 0.3:
@@ -235,8 +239,8 @@ def report(facts: dict, rng: np.random.Generator, dims: int) -> str:
     if rng.random() < 0.4:
         lines.append(_pick(rng, MODALITY[dims]))
     lines.append(("FINDINGS: " if rng.random() < 0.5 else "") + " ".join(body))
-    if count > 0 and rng.random() < 0.4:
-        lines.append(_impression(vocab, lat, rng))
+    if rng.random() < 0.4:
+        lines.append(_impression(facts, VOCABULARY[dims][name], rng))
     return "\n".join(lines)
 
 

@@ -181,8 +181,10 @@ def _lead(facts: dict, name: str, dims: int, rng: np.random.Generator) -> list[s
 
 
 def _negations(items: list[str], rng: np.random.Generator, lists: bool = True) -> list[str]:
-    """Sentences from "no ..." phrases: one each, or joined ("No a, b or c." when ``lists`` / "No a and no b.")."""
-    style = int(rng.integers(3 if lists else 2)) * (1 if lists else 2)
+    """Sentences from "no ..." phrases: one each (style 0), or joined: "No a, b or c." (style 1, only when ``lists``)
+    or "No a and no b." (style 2)."""
+    styles = (0, 1, 2) if lists else (0, 2)
+    style = styles[int(rng.integers(len(styles)))]
     if style == 0 or len(items) == 1:
         return [_cap(i) + "." for i in items]
     if style == 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pretrain.data.manifest import MANIFEST_NAME
+from pretrain.data.manifest import read_manifest
 
 from tests.engine.conftest import config_file, loss_curve, run_ranks, tiny_config, train_args
 from tests.engine.test_resume import _kill_and_resume
@@ -85,7 +85,7 @@ def test_shipped_clip_config_trains_evaluates_and_exports(config, dims, request,
     assert main(["train", config, f"train.run_dir={run}", *overrides]) == 0
     summary = json.loads((run / "summary.json").read_text())
     ev = summary["eval"]
-    val_count = json.loads((shards / f"knn_val_{dims}d" / MANIFEST_NAME).read_text())["num_samples"]
+    val_count = read_manifest(shards / f"knn_val_{dims}d")["num_samples"]
     for name in ("random_init", "pretrained"):
         assert 0.0 <= ev[name]["zeroshot"] <= 1.0 and 0.0 <= ev[name]["i2t_r5"] <= 1.0, ev[name]
         assert ev[name]["retrieval_pairs"] == val_count  # every held-out image with its report

@@ -74,6 +74,11 @@ class Config:
     projector_layers: int = 1  # 1: one linear layer (the paper); more: an MLP with the encoder's width inside
     gcn_layers: int = 2  # graph convolutions, ReLU between them
     gcn_width: int = 128  # width of every GCN layer
+    # A skip around each graph convolution (not in the paper, whose encoders start pretrained). Each layer
+    # averages a node with its ~6 kNN neighbours, so two layers leave it little of its own features: from
+    # scratch, the matching then sees neighbourhoods rather than images (the demo ViT's vertex margin stayed
+    # under 0.02 and its tokens collapsed); with the skip the node keeps its own embedding.
+    gcn_residual: bool = False  # True: H + P H W per GCN layer (a skip); False: the paper's GCN
     alpha: float = 0.8  # vertex affinity: alpha * global cosine + (1 - alpha) * local prior
     local_pairs: int = 0  # gamma, cell pairs of each kind in the local prior; 0: 20 per 49 cells (paper's 7x7)
     second_order: bool = True  # edge affinities in the matching; False: linear assignment (the paper's ablation)
@@ -183,7 +188,7 @@ class LVMMed(Objective):
         self.batch_size = run_cfg.data.batch_size
         dim = self.backbone.embed_dim
         self.projector = _projector(dim, self.cfg.embed_dim, self.cfg.projector_layers)
-        self.gcn = GCN(self.cfg.embed_dim, self.cfg.gcn_width, self.cfg.gcn_layers)
+        self.gcn = GCN(self.cfg.embed_dim, self.cfg.gcn_width, self.cfg.gcn_layers, self.cfg.gcn_residual)
         self._recipe = LVMMedRecipe(self.cfg, run_cfg.model.in_chans, run_cfg.data.intensity)
         self._schedules = {"edge_weight": Schedule(self.cfg.edge_weight, shape="constant", warmup_from=0.0,
                                                    warmup_fraction=self.cfg.edge_warmup_fraction)}

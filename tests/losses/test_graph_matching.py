@@ -12,6 +12,7 @@ from pretrain.losses.graph_affinity import (cell_centres, edge_affinity, edge_ma
                                             nearest_cells_by_place, normalized_adjacency, vertex_cosine)
 from pretrain.losses.matching_loss import blackbox_matching_loss, hamming_to_identity
 from pretrain.losses.qap_solver import QAPSolver, affinity_matrix, qap_score, solve_qap
+from pretrain.models.gcn import GCN
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -156,6 +157,28 @@ def test_knn_graphs_are_symmetric_without_self_loops_and_the_gcn_matrix_is_norma
     a = adj + torch.eye(16)
     d = a.sum(-1)
     assert torch.allclose(prop, a / (d[:, :, None] * d[:, None, :]).sqrt())
+
+
+def test_gcn_layers_propagate_and_the_residual_skip_keeps_each_nodes_own_features():
+    """Two layers against the formula written out; with the skip, a node's output keeps its input where the
+    propagation alone would average it into its neighbourhood."""
+    g = _gen(11)
+    z = torch.randn(2, 16, 8, generator=g)
+    prop = normalized_adjacency(knn_adjacency(z, 5))
+    for residual in (False, True):
+        gcn = GCN(8, 8, layers=2, residual=residual)
+        w1, b1, w2, b2 = (p.detach() for p in gcn.parameters())
+        h1 = torch.relu(prop @ z @ w1.T + b1 + (z if residual else 0))
+        want = prop @ h1 @ w2.T + b2 + (h1 if residual else 0)
+        assert torch.allclose(gcn(z, prop), want, atol=1e-5)
+    widen = GCN(8, 12, layers=2, residual=True)  # no skip across a change of width
+    w1, b1, w2, b2 = (p.detach() for p in widen.parameters())
+    h1 = torch.relu(prop @ z @ w1.T + b1)
+    assert torch.allclose(widen(z, prop), prop @ h1 @ w2.T + b2 + h1, atol=1e-5)
+    with torch.no_grad():  # zero weights: the plain GCN forgets the nodes, the residual one passes relu(z) through
+        for p in gcn.parameters():
+            p.zero_()
+    assert torch.equal(gcn(z, prop), torch.relu(z))
 
 
 def test_edge_affinity_is_the_cosine_of_node_differences_on_edges():

@@ -175,10 +175,11 @@ def test_gcn_layers_propagate_and_the_residual_skip_keeps_each_nodes_own_feature
     w1, b1, w2, b2 = (p.detach() for p in widen.parameters())
     h1 = torch.relu(prop @ z @ w1.T + b1)
     assert torch.allclose(widen(z, prop), prop @ h1 @ w2.T + b2 + h1, atol=1e-5)
+    plain = GCN(8, 8, layers=2)
     with torch.no_grad():  # zero weights: the plain GCN forgets the nodes, the residual one passes relu(z) through
-        for p in gcn.parameters():
+        for p in [*gcn.parameters(), *plain.parameters()]:
             p.zero_()
-    assert torch.equal(gcn(z, prop), torch.relu(z))
+    assert torch.equal(gcn(z, prop), torch.relu(z)) and not plain(z, prop).any()
 
 
 def test_edge_affinity_is_the_cosine_of_node_differences_on_edges():

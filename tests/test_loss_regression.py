@@ -27,8 +27,11 @@ COMMON = ["data.batch_size=8", "data.num_workers=1", "train.progress=false", "tr
           "train.threads=1", "model.preset=nano"]
 RUNS = {
     "mae_demo_nano": ("configs/demo.yaml", ["optim.warmup_steps=2"]),
+    # DINOv2's loss weights, as the curve was committed with (all three terms at work)
     "dino_demo_nano": ("configs/dino/demo.yaml", ["optim.warmup_steps=2", "objective.prototypes=128",
-                                                  "objective.head_hidden_dim=64", "objective.head_bottleneck_dim=32"]),
+                                                  "objective.head_hidden_dim=64", "objective.head_bottleneck_dim=32",
+                                                  "objective.dino_weight=1", "objective.koleo_weight=0.1",
+                                                  "objective.mask_probability=0.5"]),
     # the Hamming loss is discrete: its curve pins the matchings, the affinity margins pin the features
     "lvm_med_demo_nano": ("configs/lvm_med/demo.yaml", ["optim.warmup_steps=2", "objective.group_size=8",
                                                         "objective.knn=3"]),
